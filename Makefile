@@ -1,0 +1,44 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv themselves (CPU torch via constraints/cpu.txt).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints/cpu.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# DeepSpeed JIT-compiles CPU ops once; keep them inside the venv so runs share them.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+export TOKENIZERS_PARALLELISM ?= false
+export OMP_NUM_THREADS ?= 2
+
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints/cpu.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev]'
+	$(PY) -m ablate.warmup
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m ablate.demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" --durations=15
+
+bench: $(STAMP)
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""ablate: controlled ablations of multimodal LLMs (see README.md and DESIGN notes)."""

@@ -1,0 +1,152 @@
+"""Typed configuration schema for ``ablate-train``.
+
+The plain sections (train, optim, data, ...) are dataclasses registered in Hydra's
+ConfigStore as the base of ``conf/train.yaml``: a typo'd key or a value of the wrong
+type fails at composition, with Hydra naming the full key. The model slots (encoder,
+connector, decoder) are ``_target_`` nodes whose schema is the target's constructor
+signature; ``ablate.validate`` checks them against it.
+
+Everything here is a serialisable value. Derived quantities (gradient accumulation,
+tokens per image, learning-rate schedule) are computed in Python and printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class PathsConfig:
+    data: str = "data/synth"
+    """Corpus directory written by ``ablate-data`` (shards, tokenizer.json)."""
+    runs: str = "runs"
+    """Root under which run and sweep directories are created."""
+
+
+@dataclass
+class DataConfig:
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"caption": 0.45, "interleaved": 0.45, "text": 0.10}
+    )
+    """Sampling weight per training stream (caption / interleaved / text)."""
+    seq_len: int = 256
+    """Packed sequence length in tokens, image tokens included."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    shuffle_buffer: int = 256
+    """Samples held in each stream's shuffle buffer."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay in torch's convention (decay is multiplied by the lr)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to the peak lr."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to this fraction of the peak lr (MM1: 10%)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
+    precision: str = "fp32"
+    """fp32 or bf16 (bf16 keeps fp32 master weights inside DeepSpeed)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config keys merged last (advanced; not validated)."""
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    """wandb or none (metrics.jsonl in the run directory is always written)."""
+    project: str = "ablate"
+    """wandb project."""
+    mode: str = "offline"
+    """wandb mode: offline (run files on disk, syncable later), online or disabled."""
+    entity: str | None = None
+    """wandb entity (team or user); None uses the default."""
+    group: str | None = None
+    """wandb group; None means the sweep name for multiruns, else the run's name."""
+    tags: list[str] = field(default_factory=list)
+    """Extra wandb tags (the run's overrides are always added)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step = micro_batch_size x accumulation x ranks."""
+    log_every: int = 10
+    """Log (and print) every this many steps."""
+    ckpt_every: int = 100
+    """Save a checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints."""
+    deterministic: bool = True
+    """Use torch deterministic algorithms (needed for bit-identical resume)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = True
+    """Evaluate after training and write results.json."""
+    max_caption: int = 300
+    """Caption eval samples (0 = skip)."""
+    max_vqa: int = 500
+    """VQA eval samples (0 = skip)."""
+    max_text: int = 200
+    """Held-out text documents for the text loss (0 = skip)."""
+    batch_size: int = 32
+    """Samples per generation / loss batch."""
+    max_new_tokens: int = 32
+    """Generation length limit for captions."""
+    max_answer_tokens: int = 8
+    """Generation length limit for VQA answers."""
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    """Experiment name: first part of the run directory and wandb names."""
+    seed: int = 0
+    """Seed for model init, data order and dropout."""
+    encoder: Any = MISSING
+    """Image encoder (``_target_`` node, conf/encoder/)."""
+    connector: Any = MISSING
+    """Vision-language connector (``_target_`` node, conf/connector/)."""
+    decoder: Any = MISSING
+    """Language decoder (``_target_`` node, conf/decoder/)."""
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+MODEL_SLOTS = ("encoder", "connector", "decoder")
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/train.yaml`` can name it in its defaults."""
+    ConfigStore.instance().store(name="config_schema", node=Config)

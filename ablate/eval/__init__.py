@@ -1,0 +1,1 @@
+"""Evaluation: caption CIDEr, VQA accuracy and held-out text loss for trained variants."""

@@ -1,0 +1,127 @@
+"""Run identity and metric logging.
+
+Every run writes ``metrics.jsonl`` in its directory (rank 0), whatever the tracker:
+it is what tests and ``ablate-compare`` read, and it survives without wandb. With
+``logger.backend=wandb`` the same records go to wandb (offline by default), with
+``id`` derived from the run directory and ``resume="allow"`` so that a restarted
+job continues the same wandb run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def run_id(override_dirname: str) -> str:
+    """Directory name for a run: readable overrides plus a short hash of them all."""
+    if not override_dirname:
+        return "default"
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    slug = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", override_dirname)[:80]
+    return f"{slug}-{digest}"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ablate_run_id"):
+        OmegaConf.register_new_resolver("ablate_run_id", run_id)
+
+
+def wandb_id(name: str, run_dir: Path) -> str:
+    """A stable wandb id (<= 64 chars, [a-z0-9-]) for a run directory."""
+    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
+    return f"{base}-{digest}"
+
+
+def flatten(d, prefix: str = "") -> dict:
+    """Nested dict to dotted keys (wandb groups and filters on these)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """Rank 0 logs; other ranks get a tracker that does nothing."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: list[str], group: str,
+                 enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        self._trim(resume_step)
+        if cfg.logger.backend == "wandb":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            name = f"{cfg.name}/{run_dir.name}"
+            self.wandb = wandb.init(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                id=wandb_id(name, run_dir),
+                name=name,
+                group=cfg.logger.group or group,
+                tags=[o[:64] for o in overrides] + list(cfg.logger.tags),
+                config=flatten(OmegaConf.to_container(cfg, resolve=True)),
+                dir=str(run_dir),
+                mode=cfg.logger.mode,
+                resume="allow",
+            )
+
+    def _trim(self, resume_step: int) -> None:
+        # Records past the checkpoint we resume from belong to steps about to be
+        # redone; keep the file a single consistent history.
+        if not self.path.exists():
+            return
+        keep = [
+            line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= resume_step
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def summary(self, metrics: dict) -> None:
+        if self.wandb is not None:
+            for k, v in metrics.items():
+                self.wandb.summary[k] = v
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _plain(v):
+    try:
+        return float(v) if not isinstance(v, (int, str, bool)) else v
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

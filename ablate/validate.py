@@ -1,0 +1,209 @@
+"""Pre-flight validation: every problem of a composed config, named by its key,
+before any process group, data loader or job starts.
+
+Hydra's typed schema (``ablate.config``) already rejects unknown keys and wrong
+types in the plain sections. This module adds what a schema cannot see:
+
+- model slots (``encoder``, ``connector``, ``decoder``) are checked against their
+  ``_target_``'s constructor signature (unknown keys, type mismatches, derived
+  arguments set by hand);
+- the model is built on the meta device, so shape rules enforced by the modules
+  themselves (patch size dividing the resolution, square token grids, head counts)
+  surface here, with the slot prefixed to the argument the module names;
+- cross-field rules: batch divisibility, sequence length vs image tokens, data
+  paths, mixture weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import types
+import typing
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ablate.build import DERIVED_ARGS, build_connector, build_decoder, build_encoder
+from ablate.config import MODEL_SLOTS
+from ablate.data import format as fmt
+
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+class ConfigError(ValueError):
+    """A config with one or more problems; ``problems`` lists them all."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(
+            "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        )
+
+
+def _import_target(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _type_ok(value, annotation) -> bool:
+    """Whether a config value fits a constructor annotation (best effort)."""
+    if annotation is inspect.Parameter.empty or annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple, typing.Sequence):
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return False
+        args = typing.get_args(annotation)
+        return not args or all(_type_ok(v, args[0]) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def check_slot(slot: str, node) -> list[str]:
+    """Problems of one model slot against its target's constructor signature."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return [f"{slot}: must be a config node with a _target_ (choose one from conf/{slot}/)"]
+    try:
+        target = _import_target(node._target_)
+    except (ImportError, AttributeError) as e:
+        return [f"{slot}._target_: cannot import {node._target_!r} ({e})"]
+    params = inspect.signature(target).parameters
+    try:
+        hints = typing.get_type_hints(target.__init__)
+    except Exception:  # unresolvable annotations: fall back to no type checks
+        hints = {}
+    accepted = [p for p in params if p not in DERIVED_ARGS[slot] and p != "self"]
+    problems = []
+    for key in node:
+        if key in HYDRA_KEYS:
+            continue
+        if key in DERIVED_ARGS[slot]:
+            problems.append(f"{slot}.{key}: derived at run time from the other slots; remove it")
+        elif key not in params:
+            problems.append(
+                f"{slot}.{key}: unknown key for {node._target_} (accepted: {', '.join(accepted)})"
+            )
+        else:
+            value = OmegaConf.to_object(node[key]) if OmegaConf.is_config(node[key]) else node[key]
+            ann = hints.get(key, params[key].annotation)
+            if not _type_ok(value, ann):
+                problems.append(
+                    f"{slot}.{key}: expected {_type_name(ann)}, got {value!r} ({type(value).__name__})"
+                )
+    return problems
+
+
+def _vocab_size(cfg: DictConfig) -> int:
+    tok = Path(cfg.paths.data) / fmt.TOKENIZER_FILE
+    if tok.exists():
+        return len(json.loads(tok.read_text())["model"]["vocab"])
+    return 1024  # only shapes are checked below; the real size comes with the corpus
+
+
+def check_model(cfg: DictConfig) -> tuple[list[str], object]:
+    """Build each slot on the meta device; constructor errors name their argument."""
+    problems: list[str] = []
+    with torch.device("meta"):
+        try:
+            encoder = build_encoder(cfg)
+        except (ValueError, TypeError) as e:
+            return [f"encoder.{e}"], None
+        try:
+            decoder = build_decoder(cfg, _vocab_size(cfg))
+        except (ValueError, TypeError) as e:
+            return [f"decoder.{e}"], None
+        try:
+            connector = build_connector(cfg, encoder, decoder.dim)
+        except (ValueError, TypeError) as e:
+            return [f"connector.{e}"], None
+    return problems, (encoder, connector, decoder)
+
+
+def check_training(cfg: DictConfig, world_size: int, tokens_per_image: int | None) -> list[str]:
+    problems = []
+    t, d, o = cfg.train, cfg.data, cfg.optim
+    per_step = t.micro_batch_size * world_size
+    if t.micro_batch_size < 1:
+        problems.append(f"train.micro_batch_size={t.micro_batch_size}: must be >= 1")
+    elif t.global_batch_size % per_step:
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size}: not divisible by "
+            f"micro_batch_size x ranks = {t.micro_batch_size} x {world_size} = {per_step}"
+        )
+    if t.max_steps < 1:
+        problems.append(f"train.max_steps={t.max_steps}: must be >= 1")
+    if not 0 <= o.warmup_steps < max(t.max_steps, 1):
+        problems.append(f"optim.warmup_steps={o.warmup_steps}: must be in [0, train.max_steps)")
+    if o.lr <= 0:
+        problems.append(f"optim.lr={o.lr}: must be > 0")
+    if not 0 <= o.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
+    if cfg.deepspeed.precision not in ("fp32", "bf16"):
+        problems.append(f"deepspeed.precision={cfg.deepspeed.precision!r}: must be fp32 or bf16")
+    if cfg.logger.backend not in ("wandb", "none"):
+        problems.append(f"logger.backend={cfg.logger.backend!r}: must be wandb or none")
+    if cfg.logger.mode not in ("offline", "online", "disabled"):
+        problems.append(f"logger.mode={cfg.logger.mode!r}: must be offline, online or disabled")
+    unknown = set(d.weights) - set(fmt.STREAMS)
+    if unknown:
+        problems.append(f"data.weights: unknown streams {sorted(unknown)} (streams: {list(fmt.STREAMS)})")
+    if any(w < 0 for w in d.weights.values()) or sum(d.weights.values()) <= 0:
+        problems.append(f"data.weights={dict(d.weights)}: must be >= 0 with a positive sum")
+    if tokens_per_image is not None and d.seq_len < tokens_per_image + 8:
+        problems.append(
+            f"data.seq_len={d.seq_len}: too short for one image ({tokens_per_image} tokens) plus text"
+        )
+    max_len = cfg.decoder.get("max_seq_len")
+    if isinstance(max_len, int) and max_len < d.seq_len:
+        problems.append(f"decoder.max_seq_len={max_len}: smaller than data.seq_len={d.seq_len}")
+    if d.num_workers < 0:
+        problems.append(f"data.num_workers={d.num_workers}: must be >= 0")
+    return problems
+
+
+def check_data(cfg: DictConfig, need_train: bool = True) -> list[str]:
+    root = Path(cfg.paths.data)
+    if not (root / fmt.META_FILE).exists() or not (root / fmt.TOKENIZER_FILE).exists():
+        return [f"paths.data={str(root)!r}: no corpus there (create one with `ablate-data --out {root}`)"]
+    problems = []
+    if need_train:
+        for stream, w in cfg.data.weights.items():
+            if w > 0 and stream in fmt.STREAMS and not fmt.list_shards(root, "train", stream):
+                problems.append(f"data.weights.{stream}={w}: corpus {root} has no {stream} shards")
+    return problems
+
+
+def validate(cfg: DictConfig, world_size: int = 1, check_paths: bool = True) -> dict:
+    """Raise ``ConfigError`` listing every problem; return derived facts otherwise."""
+    problems: list[str] = []
+    for slot in MODEL_SLOTS:
+        problems += check_slot(slot, cfg.get(slot))
+    parts = None
+    if not problems:  # a meta build needs well-typed slots
+        model_problems, parts = check_model(cfg)
+        problems += model_problems
+    tokens_per_image = parts[1].num_tokens if parts else None
+    problems += check_training(cfg, world_size, tokens_per_image)
+    if check_paths:
+        problems += check_data(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return {"tokens_per_image": tokens_per_image, "image_size": parts[0].image_size}

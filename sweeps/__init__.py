@@ -1,0 +1,1 @@
+"""Sweep tooling: learning-rate scaling law (grid, fit, predict), result collection and comparison."""
