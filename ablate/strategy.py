@@ -126,8 +126,15 @@ class DeepSpeedStrategy:
     def step(self) -> dict:
         """Optimizer step at the accumulation boundary (DeepSpeed clips and schedules)."""
         lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses
+        norm = None
+        if not (self.engine.zero_optimization() or self.engine.bfloat16_enabled()):
+            # Plain fp32 data parallel clips without recording the norm; measure it here,
+            # before clipping (gradients are already averaged over ranks at the boundary).
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
         return {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")}
 
     # --- checkpoints -----------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Language decoders: take embeddings ``B,T,D`` and return logits plus auxiliary losses."""

@@ -1,0 +1,239 @@
+"""Dense Llama-style decoder: RMSNorm, RoPE, SwiGLU FFN, grouped-query attention,
+pre-norm blocks, final norm and an output head.
+
+Notable choices:
+- The decoder takes embeddings, not ids (``embed`` is separate), so the VLM can splice
+  image tokens in between.
+- Positions are explicit (``positions_BT``), so packed sequences restart RoPE per
+  document; ``doc_ids_BT`` additionally stops attention across documents. Without
+  ``doc_ids`` the plain causal kernel (``is_causal=True``) is used.
+- Each block's FFN is its own module (``block.ffn``). An FFN may return a tensor
+  (dense) or a tuple ``(y, aux_loss, aux)`` (MoE: its load-balance/z-losses and stats);
+  the decoder sums them over layers and returns them in ``DecoderOutput``, never in
+  module state.
+- Init: normal(``init_std``) everywhere, with the residual-output projections (``wo``,
+  ``w2``) scaled by ``1/sqrt(2 * n_layers)`` (GPT-2) so the residual stream's variance
+  does not grow with depth.
+- RoPE uses the rotate-half layout of Hugging Face Llama checkpoints.
+
+Shape legend: B batch, T sequence, D model dim, V vocab, H query heads, K key/value
+heads, E head dim, F FFN hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.layers import RMSNorm, SwiGLU, apply_rope, check_positive, rope_cos_sin
+
+
+@dataclass
+class DecoderOutput:
+    """What a decoder forward returns."""
+
+    logits: Tensor  # B,T,V
+    aux_loss: Tensor  # scalar, already summed over layers; 0 for a dense decoder
+    aux: dict[str, Tensor] = field(default_factory=dict)  # per-key sums over layers, for logging
+
+
+def default_ffn_hidden(dim: int) -> int:
+    """Llama's SwiGLU size: 8/3 * dim (same FLOPs as a 4x GELU MLP), rounded up to 64."""
+    return 64 * math.ceil(8 * dim / 3 / 64)
+
+
+def doc_causal_mask(doc_ids_BT: Tensor) -> Tensor:
+    """Boolean ``B,1,T,T`` mask: query i sees key j iff j <= i and both share a doc id.
+
+    The diagonal is always True, so no row is fully masked (no NaN from softmax).
+    """
+    T = doc_ids_BT.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
+    same_doc_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
+    return (same_doc_BTT & causal_TT)[:, None]
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE; ``n_kv_heads`` divides ``n_heads``."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, rope_theta: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = dim // n_heads
+        self.rope_theta = rope_theta
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask_B1TT: Tensor | None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        E = self.head_dim
+        q_BHTE = self.wq(x_BTD).view(B, T, self.n_heads, E).transpose(1, 2)
+        k_BKTE = self.wk(x_BTD).view(B, T, self.n_kv_heads, E).transpose(1, 2)
+        v_BKTE = self.wv(x_BTD).view(B, T, self.n_kv_heads, E).transpose(1, 2)
+        q_BHTE, k_BKTE = apply_rope(q_BHTE, *rope), apply_rope(k_BKTE, *rope)
+        # Each group of H/K query heads shares one key/value head.
+        group = self.n_heads // self.n_kv_heads
+        k_BHTE = k_BKTE.repeat_interleave(group, dim=1)
+        v_BHTE = v_BKTE.repeat_interleave(group, dim=1)
+        if mask_B1TT is None:
+            out_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, is_causal=True)
+        else:
+            out_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, attn_mask=mask_B1TT)
+        return self.wo(out_BHTE.transpose(1, 2).reshape(B, T, self.n_heads * E))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, ffn_hidden: int, norm_eps: float,
+                 rope_theta: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, norm_eps)
+        self.attn = Attention(dim, n_heads, n_kv_heads, rope_theta)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.ffn = SwiGLU(dim, ffn_hidden)
+
+    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask_B1TT: Tensor | None
+                ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask_B1TT)
+        out = self.ffn(self.ffn_norm(x_BTD))
+        aux_loss, aux = None, {}
+        if isinstance(out, tuple):  # an MoE FFN returns (y, aux_loss, aux)
+            out, aux_loss, aux = out
+        return x_BTD + out, aux_loss, aux
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer over embeddings ``B,T,D`` returning ``DecoderOutput``.
+
+    Args:
+        vocab_size: number of token ids V (derived at build time from the tokenizer).
+        dim: model width D.
+        n_layers: number of blocks.
+        n_heads: query heads H; must divide ``dim``.
+        n_kv_heads: key/value heads K for grouped-query attention; must divide
+            ``n_heads``. Defaults to ``n_heads`` (plain multi-head attention).
+        ffn_hidden: SwiGLU inner size F; defaults to 8/3 * dim rounded up to 64.
+        norm_eps: RMSNorm epsilon.
+        rope_theta: RoPE base frequency.
+        max_seq_len: longest sequence ``forward`` accepts.
+        tie_embeddings: share the token-embedding matrix with the output head.
+        init_std: standard deviation of the normal init (residual outputs are scaled
+            down by ``sqrt(2 * n_layers)``).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 256,
+        n_layers: int = 4,
+        n_heads: int = 8,
+        n_kv_heads: int | None = None,
+        ffn_hidden: int | None = None,
+        norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+        max_seq_len: int = 2048,
+        tie_embeddings: bool = False,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        check_positive(
+            vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+            ffn_hidden=ffn_hidden, norm_eps=norm_eps, rope_theta=rope_theta, max_seq_len=max_seq_len,
+        )
+        if init_std < 0:
+            raise ValueError(f"init_std={init_std} must be non-negative")
+        if dim % n_heads != 0:
+            raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
+        if (dim // n_heads) % 2 != 0:
+            raise ValueError(f"dim={dim} gives an odd head dim {dim // n_heads} (n_heads={n_heads}); "
+                             "RoPE rotates pairs of channels")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads % n_kv_heads != 0:
+            raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
+
+        self.vocab_size = vocab_size
+        self.dim = dim
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = dim // n_heads
+        self.ffn_hidden = ffn_hidden or default_ffn_hidden(dim)
+        self.rope_theta = rope_theta
+        self.max_seq_len = max_seq_len
+        self.tie_embeddings = tie_embeddings
+        self.init_std = init_std
+
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(
+            Block(dim, n_heads, n_kv_heads, self.ffn_hidden, norm_eps, rope_theta) for _ in range(n_layers)
+        )
+        self.norm = RMSNorm(dim, norm_eps)
+        self.output = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """From-scratch init (see module docstring); safe to call after ``to_empty``."""
+        residual_std = self.init_std / math.sqrt(2 * self.n_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, (nn.Linear, nn.Embedding)):
+                if self.tie_embeddings and m is self.output:
+                    continue  # shares the embedding matrix, initialised once
+                std = residual_std if name.endswith((".wo", ".w2")) else self.init_std
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; ``non_embedding`` leaves out the token embedding and the
+        output head (as in scaling-law papers), counting a tied matrix once."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.tok_embeddings.weight.numel()
+            if not self.tie_embeddings:
+                total -= self.output.weight.numel()
+        return total
+
+    def embed(self, ids_BT: Tensor) -> Tensor:
+        """Token embeddings ``B,T,D`` (kept apart from ``forward`` so images can be spliced in)."""
+        return self.tok_embeddings(ids_BT)
+
+    def forward(
+        self,
+        x_BTD: Tensor,
+        positions_BT: Tensor | None = None,
+        doc_ids_BT: Tensor | None = None,
+    ) -> DecoderOutput:
+        """Causal pass over embeddings. ``positions_BT`` (B,T or T; default ``arange(T)``)
+        feed RoPE; with ``doc_ids_BT`` a token attends only to earlier tokens of its own
+        document (packed rows)."""
+        B, T, _ = x_BTD.shape
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len}")
+        if positions_BT is None:
+            positions_BT = torch.arange(T, device=x_BTD.device)
+        if positions_BT.dim() == 1:
+            positions_BT = positions_BT[None]  # broadcasts over the batch
+        rope = rope_cos_sin(positions_BT, self.head_dim, self.rope_theta)
+        mask_B1TT = None if doc_ids_BT is None else doc_causal_mask(doc_ids_BT)
+
+        aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
+        aux: dict[str, Tensor] = {}
+        for layer in self.layers:
+            x_BTD, layer_loss, layer_aux = layer(x_BTD, rope, mask_B1TT)
+            if layer_loss is not None:
+                aux_loss = aux_loss + layer_loss
+            for key, value in layer_aux.items():
+                aux[key] = aux[key] + value if key in aux else value
+        logits_BTV = self.output(self.norm(x_BTD))
+        return DecoderOutput(logits=logits_BTV, aux_loss=aux_loss, aux=aux)
