@@ -103,12 +103,21 @@ def test_interleaved_docs(corpus):
         for k, name in enumerate(images):
             at = chunks.index({"image": name})
             text = chunks[at + 1]  # the text after an image talks about that image
-            assert text.startswith(f" picture {k + 1} shows ")
+            # Either a caption then questions, or questions alone (answered from pixels).
+            assert text.startswith((f" picture {k + 1} shows ", " question: "))
             assert image(s[name]).size == (96, 96)
             scene = Scene.from_json(doc["scenes"][k])
             for q, a, qtype in doc["qa"][k]:
                 assert fmt.VQA_LINE.format(question=q, answer=a) in text
                 assert qtype in QTYPES and a == expected_answer(scene, q)
+
+
+def test_interleaved_docs_mix_captioned_and_question_only_pictures(corpus):
+    starts = [json.loads(s["json"])["chunks"][i + 1][:10]
+              for s in samples(corpus, "train", "interleaved")
+              for i, c in enumerate(json.loads(s["json"])["chunks"]) if isinstance(c, dict)]
+    share = starts.count(" question:") / len(starts)
+    assert 0.3 < share < 0.7, share
 
 
 def test_text_streams(corpus):

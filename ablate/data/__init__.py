@@ -1,0 +1,1 @@
+"""Synthetic multimodal corpus: scenes, tokenizer, webdataset shards, and their formats."""
