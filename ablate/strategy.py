@@ -112,8 +112,13 @@ class DeepSpeedStrategy:
                 out[k] = v
         return out
 
-    def forward_backward(self, batch: dict) -> dict:
-        """One micro-batch; returns detached loss terms for logging."""
+    def micro_step(self, batch: dict) -> dict:
+        """Forward and backward one micro-batch, then ``engine.step()``.
+
+        DeepSpeed wants ``step()`` after every micro-batch and applies the update only
+        at the accumulation boundary; there the returned dict also holds the lr the
+        update used and the global gradient norm before clipping.
+        """
         b = self.to_device(batch)
         out = self.engine(
             b["input_ids"], b["images"], positions_BT=b["positions"], doc_ids_BT=b["doc_ids"]
@@ -121,11 +126,11 @@ class DeepSpeedStrategy:
         lm_loss, n = token_loss(out.logits, b["labels"])
         loss = lm_loss + out.aux_loss
         self.engine.backward(loss)
-        return {"loss": loss.detach().float(), "lm_loss": lm_loss.detach().float(), "tokens": n}
-
-    def step(self) -> dict:
-        """Optimizer step at the accumulation boundary (DeepSpeed clips and schedules)."""
-        lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses
+        stats = {"loss": float(loss.detach()), "lm_loss": float(lm_loss.detach()), "tokens": n}
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return stats
+        stats["lr"] = self.scheduler.get_last_lr()[0]
         norm = None
         if not (self.engine.zero_optimization() or self.engine.bfloat16_enabled()):
             # Plain fp32 data parallel clips without recording the norm; measure it here,
@@ -135,7 +140,8 @@ class DeepSpeedStrategy:
         self.engine.step()
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        return {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")}
+        stats["grad_norm"] = float(norm) if norm is not None else float("nan")
+        return stats
 
     # --- checkpoints -----------------------------------------------------------
     @staticmethod

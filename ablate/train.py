@@ -139,16 +139,15 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             d0 = time.perf_counter()
             batch = next(batches)
             data_s += time.perf_counter() - d0
-            out = strategy.forward_backward(batch)
-            loss_sum += float(out["loss"]) / accum
-            window["label_tokens"] += out["tokens"]
+            stats = strategy.micro_step(batch)
+            loss_sum += stats["loss"] / accum
+            window["label_tokens"] += stats["tokens"]
             stream_tokens += batch["stream_tokens"]
-        stats = strategy.step()
         window["loss"] += loss_sum
         window["data_s"] += data_s
         window["step_s"] += time.perf_counter() - t0
         window["steps"] += 1
-        last = {"train/loss": loss_sum, **{f"train/{k}": v for k, v in stats.items()}}
+        last = {"train/loss": loss_sum}
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")

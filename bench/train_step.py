@@ -82,8 +82,7 @@ def main() -> None:
 
     def platform_step():
         for _ in range(strategy.accum):
-            strategy.forward_backward(batch)
-        strategy.step()
+            strategy.micro_step(batch)
 
     def bare_step():
         out = bare(batch["input_ids"], batch["images"], positions_BT=batch["positions"],

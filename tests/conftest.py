@@ -49,6 +49,7 @@ def run_cli(args: list[str], timeout: float = 600, env: dict | None = None) -> s
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def train_args(corpus: Path, runs: Path, *overrides: str) -> list[str]:
-    return ["-m", "ablate.train", "experiment=smoke", f"paths.data={corpus}", f"paths.runs={runs}",
-            *overrides]
+def train_args(corpus: Path, runs: Path, *overrides: str, multirun: bool = False) -> list[str]:
+    """`python -m ablate.train` arguments for the smoke experiment on the test corpus."""
+    return ["-m", "ablate.train", *(["--multirun"] if multirun else []), "experiment=smoke",
+            f"paths.data={corpus}", f"paths.runs={runs}", *overrides]

@@ -45,12 +45,12 @@ def _png(color=(255, 0, 0), size=12) -> bytes:
 def _write_stream(root, stream, samples):
     fmt.shard_dir(root, "train", stream).mkdir(parents=True)
     with wds.ShardWriter(fmt.shard_pattern(root, "train", stream), maxcount=4, verbose=0) as sink:
-        for sample in samples:
-            sink.write(sample)
+        for i, sample in enumerate(samples):
+            sink.write({**sample, "__key__": f"{i:06d}"})  # unique keys, or webdataset merges them
 
 
-def _interleaved(key, chunks):
-    sample = {"__key__": f"{key:06d}", "json": json.dumps({"chunks": chunks}).encode()}
+def _interleaved(chunks):
+    sample = {"json": json.dumps({"chunks": chunks}).encode()}
     for c in chunks:
         if isinstance(c, dict):
             sample[c["image"]] = _png()
@@ -196,7 +196,7 @@ def test_truncation_never_cuts_an_image(tmp_path, tok):
     a, b, c = "here are two pictures.", " the first one is red.", " and so is the second one." * 8
     na, nb = len(tok.encode(a)), len(tok.encode(b))
     _write_stream(tmp_path, "interleaved",
-                  [_interleaved(i, [a, {"image": "img0.png"}, b, {"image": "img1.png"}, c]) for i in range(6)])
+                  [_interleaved([a, {"image": "img0.png"}, b, {"image": "img1.png"}, c]) for _ in range(6)])
     L = 1 + na + T + nb + T // 2  # the cut would fall in the middle of the second image
     batch = next(_loader(tmp_path, tok, weights={"interleaved": 1}, seq_len=L, micro_batch_size=3))
     cut = 1 + na + T + nb
@@ -206,11 +206,13 @@ def test_truncation_never_cuts_an_image(tmp_path, tok):
         assert (batch["input_ids"][r, cut:] == tok.pad_id).all()
         assert batch["labels"][r, cut - 1] == IGNORE  # the truncated document's last token
     assert batch["images"].shape[0] == 3  # one image kept per row, the cut one dropped
+    # Batch images are decoded exactly as evaluation images are.
+    assert torch.equal(batch["images"][0], preprocess_image(Image.open(io.BytesIO(_png())), S))
     assert batch["stats"]["truncated"] == 3
 
 
 def test_truncate_document_keeps_an_image_that_ends_at_the_cut(tok):
-    sample = _interleaved(0, ["hi", {"image": "img0.png"}, " there"])
+    sample = _interleaved(["hi", {"image": "img0.png"}, " there"])
     doc = make_document(sample, fmt.STREAMS.index("interleaved"), tok, T)
     end = 1 + len(tok.encode("hi")) + T
     short = truncate_document(doc, end, T)
@@ -220,7 +222,7 @@ def test_truncate_document_keeps_an_image_that_ends_at_the_cut(tok):
 
 def test_image_only_document_and_empty_label_batch(tmp_path, tok):
     stream = fmt.STREAMS.index("interleaved")
-    sample = _interleaved(0, [{"image": "img0.png"}, {"image": "img1.png"}])
+    sample = _interleaved([{"image": "img0.png"}, {"image": "img1.png"}])
     doc = make_document(sample, stream, tok, T)
     assert doc.ids == [tok.bos_id] + [tok.image_id] * (2 * T) + [tok.eos_id]
     # Whole, its only target is the <eos>; cut after the first image it has none.
@@ -246,10 +248,10 @@ def test_image_only_document_and_empty_label_batch(tmp_path, tok):
 
 
 def test_skipped_documents_are_counted(tmp_path, tok):
-    good = _interleaved(0, ["a red square.", {"image": "img0.png"}, " yes."])
-    bad = {"__key__": "000009", "json": b'{"chunks": [{"image": "img7.png"}]}'}  # names a missing file
+    good = _interleaved(["a red square.", {"image": "img0.png"}, " yes."])
+    bad = {"json": b'{"chunks": [{"image": "img7.png"}]}'}  # names a missing file
     # Three images do not fit in 2T + 4 tokens; cut before the third, no target is left.
-    only_images = _interleaved(1, [{"image": f"img{k}.png"} for k in range(3)])
+    only_images = _interleaved([{"image": f"img{k}.png"} for k in range(3)])
     assert len(make_document(good, 1, tok, T).ids) <= 2 * T + 4
     _write_stream(tmp_path, "interleaved", [good, bad, only_images] * 4)
     batches = _take(_loader(tmp_path, tok, weights={"interleaved": 1}, seq_len=2 * T + 4, micro_batch_size=2), 8)
@@ -258,7 +260,7 @@ def test_skipped_documents_are_counted(tmp_path, tok):
 
 
 def test_weights_validation(tmp_path, tok):
-    _write_stream(tmp_path, "interleaved", [_interleaved(0, ["x", {"image": "img0.png"}])])
+    _write_stream(tmp_path, "interleaved", [_interleaved(["x", {"image": "img0.png"}])])
     with pytest.raises(ValueError, match="caption"):
         _loader(tmp_path, tok, weights={"caption": 1, "interleaved": 1})
     with pytest.raises(ValueError, match="captions"):

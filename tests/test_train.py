@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from ablate.dist import free_port
 from ablate.strategy import DeepSpeedStrategy
 from ablate.tracking import read_metrics
 from tests.conftest import run_cli, train_args
 
 
 def only_run_dir(runs: Path) -> Path:
-    dirs = [p.parent for p in runs.rglob("config.yaml")]
+    dirs = [p.parent for p in runs.rglob("metrics.jsonl")]
     assert len(dirs) == 1, dirs
     return dirs[0]
 
@@ -108,8 +109,8 @@ def test_resume_reproduces_uninterrupted_losses(corpus, tmp_path):
 def test_two_process_gloo_run_trains(corpus, tmp_path):
     runs = tmp_path / "runs"
     res = check(run_cli(
-        ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-         *train_args(corpus, runs, "deepspeed=zero1", "train.max_steps=12", "eval.at_end=false")[1:]],
+        ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         *train_args(corpus, runs, "deepspeed=zero1", "train.max_steps=12", "eval.at_end=false")],
         timeout=600))
     assert "ranks 2  grad accumulation 1" in res.stdout
     run_dir = only_run_dir(runs)
@@ -123,8 +124,8 @@ def test_two_process_gloo_run_trains(corpus, tmp_path):
 
 def test_sweep_records_failed_variant_and_compares(corpus, tmp_path):
     runs = tmp_path / "runs"
-    res = run_cli([*train_args(corpus, runs, "-m", "encoder.image_size=32,30", "train.max_steps=4",
-                               "eval.max_caption=4", "eval.max_vqa=4", "logger=none")])
+    res = run_cli(train_args(corpus, runs, "encoder.image_size=32,30", "train.max_steps=4",
+                             "eval.max_caption=4", "eval.max_vqa=4", "logger=none", multirun=True))
     assert res.returncode == 0, res.stderr[-3000:]
     sweep = runs / "smoke"
     statuses = sorted(json.loads(p.read_text())["status"] for p in sweep.rglob("results.json"))

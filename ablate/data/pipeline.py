@@ -17,8 +17,9 @@ Choices:
   seeded by ``(seed, rank, v)`` that produces exactly the batches ``i = v (mod W)``.
   Resuming at batch ``n``, real worker ``j`` plays ``v = (j + n) % W`` and first
   fast-forwards over the batches ``i < n`` that ``v`` had produced. Fast-forwarding
-  tokenises and packs but never decodes an image, which is where the time goes.
-  Resume therefore needs the same ``seed``, ``num_workers`` and ``world_size``.
+  tokenises and packs but never decodes an image, which is where the time goes
+  (about 2 s to resume at batch 1000 with 2 workers on a laptop). Resume needs the
+  same corpus, ``seed``, ``rank``, ``num_workers`` and packing/shuffle settings.
 - Images stay PNG bytes until a batch is emitted, for the same reason.
 """
 
@@ -42,19 +43,30 @@ from .packing import make_document, pack_batches
 __all__ = ["build_train_loader", "build_eval_samples", "preprocess_image"]
 
 
-def preprocess_image(img: Image.Image, image_size: int) -> torch.Tensor:
-    """RGB, bicubic resize to ``image_size`` square, scaled to [-1, 1]: Tensor 3,H,W."""
+def _pixels(img: Image.Image, image_size: int) -> np.ndarray:
+    """RGB, bicubic resize to ``image_size`` square: uint8 H,W,3."""
     img = img.convert("RGB")
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BICUBIC)
-    x_HWC = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return (x_HWC.permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _normalise(x_NHWC: torch.Tensor) -> torch.Tensor:
+    """uint8 N,H,W,3 -> float N,3,H,W in [-1, 1], i.e. (x - 0.5) / 0.5 of x in [0, 1]."""
+    return (x_NHWC.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+
+
+def preprocess_image(img: Image.Image, image_size: int) -> torch.Tensor:
+    """RGB, bicubic resize to ``image_size`` square, scaled to [-1, 1]: Tensor 3,H,W."""
+    return _normalise(torch.from_numpy(_pixels(img, image_size).copy())[None])[0]
 
 
 def _decode_images(images: list[bytes], image_size: int) -> torch.Tensor:
     if not images:
         return torch.zeros(0, 3, image_size, image_size)
-    return torch.stack([preprocess_image(Image.open(io.BytesIO(b)), image_size) for b in images])
+    # One float conversion for the whole batch: the same numbers as preprocess_image.
+    x_NHWC = np.stack([_pixels(Image.open(io.BytesIO(b)), image_size) for b in images])
+    return _normalise(torch.from_numpy(x_NHWC))
 
 
 def _resampled_samples(shards: list[str], rng: random.Random, name: str) -> Iterator[dict]:
