@@ -14,7 +14,6 @@ export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_NUM_THREADS ?= 2
 
-DEMO_DIR ?= runs/demo
 
 .PHONY: setup demo test test-all bench clean
 
@@ -29,7 +28,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m ablate.demo --out $(DEMO_DIR)
+	$(PY) -m ablate.demo --data data/synth --runs runs
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15
