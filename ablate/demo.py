@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_SWEEP = ["connector=mlp,avgpool", "encoder.image_size=32,64"]
+DEFAULT_SWEEP = ["connector=mlp,avgpool", "encoder.image_size=48,64"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,13 +34,22 @@ def test_groups_cover_the_model_slots():
             "experiment"} <= set(GROUPS)
 
 
-def test_demo_sweep_points_validate():
-    for connector in ("mlp", "avgpool"):
-        for size in (32, 64):
+def test_demo_sweep_points_validate_and_differ():
+    from ablate.demo import DEFAULT_SWEEP
+
+    axes = dict(o.split("=") for o in DEFAULT_SWEEP)
+    models = set()
+    for connector in axes["connector"].split(","):
+        for size in map(int, axes["encoder.image_size"].split(",")):
             facts = validate(compose("experiment=demo", f"connector={connector}",
                                      f"encoder.image_size={size}"), check_paths=False)
             expected = (size // 8) ** 2 if connector == "mlp" else 16
             assert facts["tokens_per_image"] == expected
+            # Average pooling to as many tokens as there are patches would be the identity:
+            # the two connectors would then train the same model, a wasted sweep point.
+            assert connector == "mlp" or expected < (size // 8) ** 2
+            models.add((connector, size))
+    assert len(models) == 4
 
 
 # Each bad configuration and the words its error must contain (the key, the reason).

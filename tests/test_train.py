@@ -134,3 +134,18 @@ def test_sweep_records_failed_variant_and_compares(corpus, tmp_path):
     assert cmp.returncode == 0, cmp.stderr
     assert "encoder.image_size" in cmp.stdout and "failed runs (1)" in cmp.stdout
     assert "patch_size" in cmp.stdout  # the failure's reason is shown
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero2"])
+def test_bf16_trains(corpus, tmp_path, stage):
+    runs = tmp_path / "runs"
+    check(run_cli(train_args(corpus, runs, f"deepspeed={stage}", "deepspeed.precision=bf16",
+                             "train.max_steps=6", "eval.max_caption=4", "eval.max_vqa=4",
+                             "logger=none")))
+    run_dir = only_run_dir(runs)
+    steps = losses(run_dir)
+    assert sorted(steps) == list(range(1, 7)) and steps[6] < steps[1]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert all(v == v for v in results["metrics"].values())  # no NaN anywhere
+    norms = [r["train/grad_norm"] for r in read_metrics(run_dir) if "train/grad_norm" in r]
+    assert all(0 < n < float("inf") for n in norms)

@@ -49,7 +49,8 @@ class TextTokenizer:
         missing = [s for s, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer lacks special tokens {missing}")
-        self._pad, self._bos, self._eos, self._image = (ids[s] for s in fmt.SPECIAL_TOKENS)
+        self.pad_id, self.bos_id, self.eos_id, self.image_id = (ids[s] for s in fmt.SPECIAL_TOKENS)
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no special tokens are added."""
@@ -60,26 +61,6 @@ class TextTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def image_id(self) -> int:
-        return self._image
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
 
     def __len__(self) -> int:
         return self.vocab_size
