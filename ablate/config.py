@@ -62,7 +62,7 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 0
-    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states) or 2 (+ gradients)."""
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
     precision: str = "fp32"
     """fp32 or bf16 (bf16 keeps fp32 master weights inside DeepSpeed)."""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -85,6 +85,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     seed_everything(cfg.seed, cfg.train.deterministic)
     tok = load_tokenizer(cfg.paths.data)
     model = build_model(cfg, tok.vocab_size, tok.image_id)
+    # Counted before the engine exists: ZeRO-3 partitions the parameters away.
+    params = {"total": count_params(model),
+              "decoder_non_embedding": model.decoder.num_params(non_embedding=True)}
     strategy = DeepSpeedStrategy(model, cfg, env.world_size)
     t, accum = cfg.train, strategy.accum
     seq_len = cfg.data.seq_len
@@ -99,11 +102,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             set_rng_state(client["rng"])
     if env.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        n_total = count_params(model)
         print(
             f"[ablate] run {run_dir}\n"
-            f"[ablate] params: total {n_total:,}  decoder non-embedding "
-            f"{model.decoder.num_params(non_embedding=True):,}\n"
+            f"[ablate] params: total {params['total']:,}  decoder non-embedding "
+            f"{params['decoder_non_embedding']:,}\n"
             f"[ablate] image tokens/image {derived['tokens_per_image']}  resolution "
             f"{derived['image_size']}  ranks {env.world_size}  grad accumulation {accum}  "
             f"tokens/step {tokens_per_step:,}\n"
@@ -177,8 +179,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         "schema_version": SCHEMA_VERSION, "run_name": f"{cfg.name}/{run_dir.name}",
         "status": "complete", "step": t.max_steps, "tokens_seen": t.max_steps * tokens_per_step,
         "overrides": overrides, "metrics": {}, "baselines": {}, "counts": {},
-        "params": {"total": count_params(model),
-                   "decoder_non_embedding": model.decoder.num_params(non_embedding=True)},
+        "params": params,
     }
     if last:
         results["metrics"]["train/loss"] = last["train/loss"]

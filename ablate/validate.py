@@ -154,13 +154,8 @@ def check_training(cfg: DictConfig, world_size: int, tokens_per_image: int | Non
         problems.append(f"optim.lr={o.lr}: must be > 0")
     if not 0 <= o.min_lr_ratio <= 1:
         problems.append(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
-    if cfg.deepspeed.zero_stage == 3:
-        # ZeRO-3's parameter hooks lose track of modules whose outputs are not plain
-        # tensors (the decoder returns a DecoderOutput); stage 3 fails in backward.
-        problems.append("deepspeed.zero_stage=3: not supported yet (ZeRO-3's hooks fail on the "
-                        "model's structured outputs); use 0, 1 or 2")
-    elif cfg.deepspeed.zero_stage not in (0, 1, 2):
-        problems.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1 or 2")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
     if cfg.deepspeed.precision not in ("fp32", "bf16"):
         problems.append(f"deepspeed.precision={cfg.deepspeed.precision!r}: must be fp32 or bf16")
     if cfg.logger.backend not in ("wandb", "none"):

@@ -69,7 +69,6 @@ BAD = [
     (["optim.warmup_steps=500"], ["optim.warmup_steps=500"]),
     (["deepspeed.precision=fp8"], ["deepspeed.precision"]),
     (["deepspeed.zero_stage=4"], ["deepspeed.zero_stage=4"]),
-    (["deepspeed.zero_stage=3"], ["deepspeed.zero_stage=3", "not supported"]),
     (["+data.weights.video=0.5"], ["data.weights", "video"]),
     (["data.weights.caption=-1"], ["data.weights"]),
     (["logger.backend=tensorboard"], ["logger.backend"]),

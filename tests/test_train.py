@@ -136,10 +136,10 @@ def test_sweep_records_failed_variant_and_compares(corpus, tmp_path):
     assert "patch_size" in cmp.stdout  # the failure's reason is shown
 
 
-@pytest.mark.parametrize("stage", ["zero0", "zero2"])
-def test_bf16_trains(corpus, tmp_path, stage):
+@pytest.mark.parametrize("stage,precision", [("zero0", "bf16"), ("zero2", "bf16"), ("zero3", "fp32")])
+def test_stage_and_precision_train(corpus, tmp_path, stage, precision):
     runs = tmp_path / "runs"
-    check(run_cli(train_args(corpus, runs, f"deepspeed={stage}", "deepspeed.precision=bf16",
+    check(run_cli(train_args(corpus, runs, f"deepspeed={stage}", f"deepspeed.precision={precision}",
                              "train.max_steps=6", "eval.max_caption=4", "eval.max_vqa=4",
                              "logger=none")))
     run_dir = only_run_dir(runs)
@@ -149,3 +149,18 @@ def test_bf16_trains(corpus, tmp_path, stage):
     assert all(v == v for v in results["metrics"].values())  # no NaN anywhere
     norms = [r["train/grad_norm"] for r in read_metrics(run_dir) if "train/grad_norm" in r]
     assert all(0 < n < float("inf") for n in norms)
+
+
+def test_zero3_checkpoint_evaluates_like_training(corpus, tmp_path):
+    """ZeRO-3 shards the weights; ablate-eval consolidates them and gets the same numbers."""
+    runs = tmp_path / "runs"
+    check(run_cli(train_args(corpus, runs, "deepspeed=zero3", "train.max_steps=4",
+                             "eval.max_caption=4", "eval.max_vqa=4", "logger=none")))
+    run_dir = only_run_dir(runs)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["params"]["total"] > 100_000  # counted before ZeRO-3 partitions them
+    out = tmp_path / "eval.json"
+    check(run_cli(["-m", "ablate.eval.cli", str(run_dir), "--out", str(out)]))
+    got = json.loads(out.read_text())["metrics"]
+    for key in ("text/loss", "caption/cider", "vqa/accuracy"):
+        assert got[key] == pytest.approx(results["metrics"][key], rel=1e-5, abs=1e-6), key

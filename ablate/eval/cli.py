@@ -5,7 +5,8 @@
     ablate-eval RUN_DIR --set eval.max_vqa=1000                  # config overrides
 
 The model is rebuilt from the run's resolved ``config.yaml`` and loaded from the
-DeepSpeed checkpoint's module state (ZeRO stages 0-2 keep it whole in one file).
+DeepSpeed checkpoint's module state (ZeRO stages 0-2 keep it whole in one file; stage 3
+shards are consolidated with DeepSpeed's zero_to_fp32).
 Runs in one process, no process group needed.
 """
 
@@ -23,7 +24,8 @@ from omegaconf import OmegaConf
 from ablate.strategy import DeepSpeedStrategy
 
 
-def load_module_state(ckpt_dir: Path, step: int | None) -> tuple[int, dict]:
+def load_module_state(ckpt_dir: Path, step: int | None, zero_stage: int = 0) -> tuple[int, dict]:
+    """(step, model state dict) of the newest (or the given) complete checkpoint."""
     tags = DeepSpeedStrategy.complete_tags(ckpt_dir)
     if step is not None:
         tags = [t for t in tags if t[0] == step]
@@ -34,12 +36,14 @@ def load_module_state(ckpt_dir: Path, step: int | None) -> tuple[int, dict]:
             f"(complete steps: {have or 'none'})"
         )
     step, tag = tags[-1]
+    if zero_stage == 3:
+        # Stage 3 shards the weights themselves; DeepSpeed's own consolidation joins them.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return step, get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     path = ckpt_dir / tag / "mp_rank_00_model_states.pt"
     if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing; ZeRO-3 checkpoints hold sharded weights: consolidate them with "
-            f"DeepSpeed's zero_to_fp32.py first"
-        )
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete or not DeepSpeed's")
     state = torch.load(path, map_location="cpu", weights_only=False)
     return step, state["module"]
 
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(args.set))
     started = time.time()
     try:
-        step, state = load_module_state(args.run_dir / "checkpoints", args.step)
+        step, state = load_module_state(args.run_dir / "checkpoints", args.step,
+                                        cfg.deepspeed.zero_stage)
     except FileNotFoundError as e:
         print(f"ablate-eval: {e}", file=sys.stderr)
         return 2

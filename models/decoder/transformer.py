@@ -23,7 +23,7 @@ heads, E head dim, F FFN hidden.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +32,13 @@ from torch import Tensor, nn
 from models.layers import RMSNorm, SwiGLU, apply_rope, check_positive, rope_cos_sin
 
 
-@dataclass
-class DecoderOutput:
-    """What a decoder forward returns."""
+class DecoderOutput(NamedTuple):
+    """What a decoder forward returns. A NamedTuple rather than a dataclass: wrappers
+    that hook module outputs (DeepSpeed ZeRO-3) follow tuples but not dataclasses."""
 
     logits: Tensor  # B,T,V
     aux_loss: Tensor  # scalar, already summed over layers; 0 for a dense decoder
-    aux: dict[str, Tensor] = field(default_factory=dict)  # per-key sums over layers, for logging
+    aux: dict[str, Tensor] = {}  # per-key sums over layers, for logging (never mutated)
 
 
 def default_ffn_hidden(dim: int) -> int:
