@@ -89,6 +89,21 @@ def init(env: DistEnv) -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
+def reduce_over_ranks(values: list[float], mean: list[bool]) -> list[float]:
+    """Sum ``values`` over all ranks (one all-reduce); entries flagged in ``mean`` are
+    divided by the world size. Identity in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    on_gpu = dist.get_backend() == "nccl"  # NCCL reduces device tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    return [v / world if m else v for v, m in zip(t.tolist(), mean)]
+
+
 def device_for(env: DistEnv) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)

@@ -14,7 +14,6 @@ Notable choices:
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ablate.files import write_json
 
 COMPLETE = "COMPLETE"
 
@@ -166,10 +167,7 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
         dist.barrier()  # every rank's files are on disk before the marker
         if dist.get_rank() == 0:
-            marker = ckpt_dir / tag / COMPLETE
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step, "time": time.time()}))
-            tmp.replace(marker)
+            write_json(ckpt_dir / tag / COMPLETE, {"step": step, "time": time.time()})
             for _, old in self.complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
         dist.barrier()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ablate.files import write_text
+
 
 def run_id(override_dirname: str) -> str:
     """Directory name for a run: readable overrides plus a short hash of them all."""
@@ -89,9 +91,7 @@ class Tracker:
             line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= resume_step
         ]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:

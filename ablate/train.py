@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ablate import dist
 from ablate.config import register_configs
+from ablate.files import write_json
 from ablate.tracking import Tracker, register_resolvers
 from ablate.validate import ConfigError, validate
 
@@ -36,12 +37,6 @@ register_resolvers()
 
 RESULTS = "results.json"
 SCHEMA_VERSION = 1
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def rng_state() -> dict:
@@ -149,24 +144,28 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         window["data_s"] += data_s
         window["step_s"] += time.perf_counter() - t0
         window["steps"] += 1
-        last = {"train/loss": loss_sum}
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
         if step % t.log_every == 0 or step == t.max_steps:
             n = window["steps"]
+            # Losses are averaged and token counts summed over ranks: the record describes
+            # the global batch, not rank 0's share of it.
+            loss, loss_window, label_tokens, *streams = dist.reduce_over_ranks(
+                [loss_sum, window["loss"], window["label_tokens"], *stream_tokens.tolist()],
+                mean=[True, True, False, False, False, False])
+            last = {"train/loss": loss}
             record = {
-                "train/loss": loss_sum, "train/loss_avg": window["loss"] / n,
+                "train/loss": loss, "train/loss_avg": loss_window / n,
                 "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
                 "perf/tokens_per_s": tokens_per_step * n / window["step_s"],
                 "perf/step_ms": 1000 * window["step_s"] / n,
                 "perf/data_wait_ms": 1000 * window["data_s"] / n,
-                "perf/label_tokens_per_step": window["label_tokens"] / n,
+                "perf/label_tokens_per_step": label_tokens / n,
                 "train/tokens_seen": step * tokens_per_step,
             }
-            shares = stream_tokens.float() / max(int(stream_tokens.sum()), 1)
-            for name, share in zip(("caption", "interleaved", "text"), shares.tolist()):
-                record[f"data/share_{name}"] = share
+            for name, count in zip(("caption", "interleaved", "text"), streams):
+                record[f"data/share_{name}"] = count / max(sum(streams), 1)
             tracker.log(record, step)
             window = {k: 0 if isinstance(v, int) else 0.0 for k, v in window.items()}
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
@@ -193,10 +192,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         results["counts"] = ev["counts"]
         tracker.log(ev["metrics"], t.max_steps)
         if env.is_main:
-            write_json_atomic(run_dir / "samples.json", ev["samples"])
+            write_json(run_dir / "samples.json", ev["samples"])
     if env.is_main:
         results["wall_time_s"] = time.time() - started
-        write_json_atomic(results_path, results)
+        write_json(results_path, results)
         tracker.summary(results["metrics"])
         print("[ablate] " + "  ".join(f"{k}={v:.4g}" for k, v in results["metrics"].items()), flush=True)
     tracker.finish()
@@ -228,7 +227,7 @@ def main(cfg: DictConfig) -> None:
 def _record_failure(run_dir: Path, overrides: list[str], error: str) -> None:
     if dist.detect().is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / RESULTS, {
+        write_json(run_dir / RESULTS, {
             "schema_version": SCHEMA_VERSION, "status": "failed", "error": error,
             "overrides": overrides, "run_name": run_dir.name,
         })

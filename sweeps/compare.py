@@ -24,12 +24,13 @@ import json
 import math
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ablate.files import atomic_write, write_text
 
 # Preferred column order; `step` etc. live at the top level of results.json, not in
 # `metrics`, and are looked up there (see `metric_value`).
@@ -256,24 +257,6 @@ def to_markdown(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the report from collaborators
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
 def write_csv(runs: Sequence[Run], path: str | os.PathLike) -> None:
     """One row per run (failed ones too): status, every override key, every metric."""
     done = [r for r in runs if r.complete]
@@ -324,7 +307,7 @@ def plot(runs: Sequence[Run], path: str | os.PathLike, metrics: Sequence[str] | 
     if axes:
         fig.suptitle("variants: " + ", ".join(axes), fontsize="medium")
     fig.tight_layout()
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 

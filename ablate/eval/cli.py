@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from ablate.build import build_model
     from ablate.data.tokenizer import load_tokenizer
     from ablate.eval.evaluate import evaluate
-    from ablate.train import RESULTS, SCHEMA_VERSION, write_json_atomic
+    from ablate.files import write_json
+    from ablate.train import RESULTS, SCHEMA_VERSION
 
     cfg_path = args.run_dir / "config.yaml"
     if not cfg_path.exists():
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results.setdefault("run_name", f"{cfg.name}/{args.run_dir.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, results)
+    write_json(out, results)
     for k, v in sorted(ev["metrics"].items()):
         print(f"{k:32s} {v:.4f}")
     for k, v in sorted(ev["baselines"].items()):
