@@ -109,11 +109,20 @@ def check_slot(slot: str, node) -> list[str]:
     return problems
 
 
-def _vocab_size(cfg: DictConfig) -> int:
+def tokenizer_vocab_size(cfg: DictConfig) -> int | None:
+    """Vocabulary size of the corpus tokenizer under ``paths.data``, if there is one."""
     tok = Path(cfg.paths.data) / fmt.TOKENIZER_FILE
     if tok.exists():
         return len(json.loads(tok.read_text())["model"]["vocab"])
-    return 1024  # only shapes are checked below; the real size comes with the corpus
+    return None
+
+
+def _vocab_size(cfg: DictConfig) -> int:
+    tokenizer_vocab = tokenizer_vocab_size(cfg)
+    if cfg.decoder.get("vocab_size") is not None:
+        return int(cfg.decoder.vocab_size)
+    # Only shapes are checked on the meta device; the real size comes with the corpus.
+    return tokenizer_vocab or 1024
 
 
 def check_model(cfg: DictConfig) -> tuple[list[str], object]:
@@ -204,6 +213,10 @@ def validate(cfg: DictConfig, world_size: int = 1, check_paths: bool = True) -> 
     problems += check_training(cfg, world_size, tokens_per_image)
     if check_paths:
         problems += check_data(cfg)
+    configured, tokenizer_vocab = cfg.decoder.get("vocab_size"), tokenizer_vocab_size(cfg)
+    if isinstance(configured, int) and tokenizer_vocab and configured < tokenizer_vocab:
+        problems.append(f"decoder.vocab_size={configured}: smaller than the tokenizer's "
+                        f"{tokenizer_vocab} ids under paths.data")
     if problems:
         raise ConfigError(problems)
     return {"tokens_per_image": tokens_per_image, "image_size": parts[0].image_size}
