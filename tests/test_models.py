@@ -73,7 +73,8 @@ def test_vit_shapes_and_resolution():
 
 def test_vit_param_count_closed_form():
     W, L, P, C, image, ratio = 48, 3, 8, 3, 32, 4.0
-    vit = ViT(image_size=image, patch_size=P, width=W, depth=L, heads=4, mlp_ratio=ratio, in_chans=C)
+    vit = ViT(image_size=image, patch_size=P, width=W, depth=L, heads=4, mlp_ratio=ratio, in_chans=C,
+              feature_layer=-1)
     F_ = int(W * ratio)
     N = (image // P) ** 2
     patch = C * P * P * W + W  # conv weight + bias
@@ -86,6 +87,26 @@ def test_vit_param_count_closed_form():
     )
     final_norm = 2 * W
     assert count_params(vit) == patch + pos + L * block + final_norm
+    # CLIP layout: class token and its position, ln_pre, no conv bias; mlp_dim overrides.
+    clip = ViT(image_size=image, patch_size=P, width=W, depth=L, heads=4, in_chans=C, mlp_dim=F_,
+               feature_layer=-1, class_token=True, pre_norm=True, patch_bias=False)
+    assert count_params(clip) == count_params(vit) + 2 * W + 2 * W - W
+    # Penultimate features (the default): the last block and the final norm are not built.
+    assert count_params(ViT(image_size=image, patch_size=P, width=W, depth=L, heads=4, mlp_ratio=ratio,
+                            in_chans=C)) == patch + pos + (L - 1) * block
+
+
+def test_vit_feature_layer_list_concatenates_in_order():
+    # Molmo-style: blocks 1 and 0 of a 4-block tower, concatenated in list order.
+    vit = tiny_vit(depth=4, feature_layer=[-3, 0])
+    assert len(vit.blocks) == 2 and vit.embed_dim == 64 and isinstance(vit.norm, torch.nn.Identity)
+    x = torch.randn(2, 3, 32, 32)
+    first, second = vit(x).split(32, dim=-1)
+    for feats, layer in ((first, 1), (second, 0)):
+        single = tiny_vit(depth=4, feature_layer=layer)
+        single.load_state_dict(vit.state_dict(), strict=False)  # block 1 is absent for layer 0
+        torch.testing.assert_close(feats, single(x))
+    assert not torch.allclose(first, second)
 
 
 def test_connector_token_counts():
@@ -271,6 +292,12 @@ BAD_ARGS = [
     (ViT, dict(depth=3, feature_layer=-4), "feature_layer"),
     (ViT, dict(depth=0), "depth"),
     (ViT, dict(mlp_ratio=-1.0), "mlp_ratio"),
+    (ViT, dict(depth=3, feature_layer=[-1, 3]), "feature_layer"),
+    (ViT, dict(feature_layer=[]), "feature_layer"),
+    (ViT, dict(act="relu"), "act"),
+    (ViT, dict(mlp_dim=0), "mlp_dim"),
+    (ViT, dict(norm_eps=0.0), "norm_eps"),
+    (ViT, dict(pretrained_format="openclip"), "pretrained_format"),
     (MLPConnector, dict(in_dim=8, out_dim=8, num_patches=16, depth=0), "depth"),
     (MLPConnector, dict(in_dim=0, out_dim=8, num_patches=16), "in_dim"),
     (MLPConnector, dict(in_dim=8, out_dim=8, num_patches=16, hidden_dim=-2), "hidden_dim"),
@@ -327,18 +354,20 @@ def test_yaml_configs_instantiate():
     for path in [*groups["encoder"], *groups["connector"], *groups["decoder"]]:
         cfg = OmegaConf.load(path)
         assert cfg._partial_ is True and cfg._target_.startswith("models.")
-        assert not {"vocab_size", "in_dim", "out_dim", "num_patches"} & set(cfg), path
-    # Published-size configs: built on the meta device (cheap); tiny ones for real below.
+        assert not {"in_dim", "out_dim", "num_patches", "decoder_layers"} & set(cfg), path
+    # Every connector on every published-size encoder, joined into a VLM on the meta
+    # device (cheap, real shapes); the tiny CPU pieces for real below.
+    from ablate.build import build_model
+    from tests.conftest import compose
+
+    published = [p.stem for p in groups["encoder"] if p.stem not in ("vit_tiny", "vit_small")]
+    assert len(published) >= 5
     with torch.device("meta"):
-        for enc_path in groups["encoder"]:
-            enc = instantiate(OmegaConf.load(enc_path))()
-            for dec_path in groups["decoder"]:
-                dec = instantiate(OmegaConf.load(dec_path))(vocab_size=1000)
-                for conn_path in groups["connector"]:
-                    conn = instantiate(OmegaConf.load(conn_path))(
-                        in_dim=enc.embed_dim, out_dim=dec.dim, num_patches=enc.num_patches()
-                    )
-                    VLM(enc, conn, dec, image_token_id=IMG)
+        for enc in published:
+            for conn in groups["connector"]:
+                cfg = compose(f"encoder={enc}", f"connector={conn.stem}", "decoder=small")
+                model = build_model(cfg, vocab_size=1000, image_token_id=IMG)
+                assert model.tokens_per_image >= 1
 
     enc = instantiate(OmegaConf.load(CONF / "encoder/vit_tiny.yaml"))()
     dec = instantiate(OmegaConf.load(CONF / "decoder/tiny.yaml"))(vocab_size=V)
