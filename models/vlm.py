@@ -6,12 +6,18 @@ overwrites those embedding slots, in order, with the connector's image tokens (i
 fills the first T placeholders, image 1 the next T, ...). Splicing at the embedding
 level keeps the decoder unaware of images, so any decoder (dense or MoE) plugs in.
 
+A connector may instead feed images through the decoder's ``attn_branches`` (it has
+an ``attn_branches`` method; mPLUG-Owl3's hyper-attention): then each image keeps
+``seq_tokens`` placeholders in the sequence (their text embedding stays), nothing is
+spliced, and the connector's per-block callables see the image tokens.
+
 Shape legend: B batch, T sequence, D model dim, N images, C/H/W image channels and
 size, P patches per image, I image tokens per image, E encoder width.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from models.decoder.transformer import DecoderOutput
@@ -40,7 +46,10 @@ class VLM(nn.Module):
         self.connector = connector
         self.decoder = decoder
         self.image_token_id = image_token_id
-        self.tokens_per_image = connector.num_tokens
+        # Placeholders per image in the sequence; image tokens (connector.num_tokens)
+        # are spliced into them unless the connector works through attention branches.
+        self.tokens_per_image = getattr(connector, "seq_tokens", connector.num_tokens)
+        self.branched = callable(getattr(connector, "attn_branches", None))
         self.image_size = encoder.image_size
 
     def encode_images(self, images_NCHW: Tensor) -> Tensor:
@@ -76,8 +85,17 @@ class VLM(nn.Module):
         # micro-batch then touches every parameter, which sharded or data-parallel
         # wrappers applied from outside need (no unused parameters, no rank running a
         # module its peers skip).
+        branches = None
         if source is not None:
             img_NID = self.encode_images(images_NCHW) if image_tokens_NID is None else image_tokens_NID
-            # masked_scatter fills the True slots in row-major order: image order is kept.
-            x_BTD = x_BTD.masked_scatter(is_image_BT[..., None], img_NID.to(x_BTD.dtype))
-        return self.decoder(x_BTD, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT)
+            if self.branched:
+                B, T = input_ids_BT.shape
+                pos_BT = torch.arange(T, device=x_BTD.device) if positions_BT is None else positions_BT
+                branches = self.connector.attn_branches(img_NID.to(x_BTD.dtype), is_image_BT,
+                                                        pos_BT.expand(B, T), doc_ids_BT)
+            else:
+                # masked_scatter fills the True slots in row-major order: image order is kept.
+                x_BTD = x_BTD.masked_scatter(is_image_BT[..., None], img_NID.to(x_BTD.dtype))
+        if branches is None:  # the plain call, so any decoder works
+            return self.decoder(x_BTD, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT)
+        return self.decoder(x_BTD, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT, attn_branches=branches)
