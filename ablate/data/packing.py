@@ -23,7 +23,13 @@ Choices:
 - Statistics are attributed to the batch in which the (next) placed document lands,
   which keeps them deterministic under resume: ``truncated`` counts kept documents
   that were cut, ``skipped`` counts malformed samples and truncated documents left
-  without a target (those are not also counted as truncated).
+  without a target (those are not also counted as truncated). ``stream_tokens`` and
+  ``stream_docs`` count the label tokens and the documents each stream placed in the
+  batch: the realised data mix, in the two units a reader may want (the mixture
+  weights are probabilities per document; token shares also reflect document lengths).
+- ``tokens_per_image`` is the whole run one image occupies: with image splitting
+  (``splitting.py``) that is ``V`` views x tokens per view, so truncation never
+  separates the views of one image.
 """
 
 from __future__ import annotations
@@ -123,11 +129,12 @@ class PackedBatch:
     images: list[bytes] = field(default_factory=list)
     """Row-major, in order of appearance."""
     stream_tokens: list[int] = field(default_factory=lambda: [0] * len(fmt.STREAMS))
+    stream_docs: list[int] = field(default_factory=lambda: [0] * len(fmt.STREAMS))
     truncated: int = 0
     skipped: int = 0
 
     def to_tensors(self, decode_images) -> dict:
-        """Tensor micro-batch; ``decode_images(list[bytes]) -> Tensor N,3,H,W``."""
+        """Tensor micro-batch; ``decode_images(list[bytes]) -> Tensor N*V,3,H,W`` (V views per image)."""
         return {
             "input_ids": torch.tensor(self.input_ids, dtype=torch.long),
             "labels": torch.tensor(self.labels, dtype=torch.long),
@@ -135,6 +142,7 @@ class PackedBatch:
             "doc_ids": torch.tensor(self.doc_ids, dtype=torch.long),
             "images": decode_images(self.images),
             "stream_tokens": torch.tensor(self.stream_tokens, dtype=torch.long),
+            "stream_docs": torch.tensor(self.stream_docs, dtype=torch.long),
             "stats": {"truncated": self.truncated, "skipped": self.skipped},
         }
 
@@ -208,6 +216,7 @@ def pack_batches(
         row.images.extend(doc.images)
         row.ndocs += 1
         batch.stream_tokens[doc.stream] += targets
+        batch.stream_docs[doc.stream] += 1
         batch.truncated += int(doc.truncated)
         batch.skipped += pending_skipped
         pending_skipped = 0

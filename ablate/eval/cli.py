@@ -7,6 +7,8 @@
 The model is rebuilt from the run's resolved ``config.yaml`` and loaded from the
 DeepSpeed checkpoint's module state (ZeRO stages 0-2 keep it whole in one file; stage 3
 shards are consolidated with DeepSpeed's zero_to_fp32).
+Images are preprocessed as in training, the run's ``data.split`` views included
+(a config written before image splitting existed means no splitting).
 Runs in one process, no process group needed.
 """
 
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ablate.build import build_model
+    from ablate.data.splitting import Split
     from ablate.data.tokenizer import load_tokenizer
     from ablate.eval.evaluate import evaluate
     from ablate.files import write_json
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tok.vocab_size, tok.image_id)
     model.load_state_dict(state)
+    split = Split.from_config(cfg.data.get("split"))
+    print(f"step {step}: {split.num_views} view(s) per image x {model.tokens_per_image} tokens")
     ev = evaluate(model, tok, cfg, device=torch.device("cpu"), progress=True)
     out = args.out or args.run_dir / RESULTS
     previous = json.loads(out.read_text()) if out.exists() else {}

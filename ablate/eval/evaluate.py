@@ -12,6 +12,10 @@ metrics so a reader can tell learning from guessing.
 Generation is batched greedy decoding over left-padded prompts. Image tokens are
 computed once per batch and spliced in at every step; the decoder recomputes the
 whole sequence per new token (no KV cache), which is cheap at these lengths.
+
+Images are preprocessed exactly as in training (``pipeline.preprocess_views``), image
+splitting included: with ``data.split`` each image becomes ``V`` views, encoded as
+consecutive images, and its prompt holds ``V x`` (tokens per view) placeholders.
 """
 
 from __future__ import annotations
@@ -69,10 +73,11 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def _encode_images(model, samples: list[dict], device, dtype) -> torch.Tensor:
-    from ablate.data.pipeline import preprocess_image
+def _encode_images(model, samples: list[dict], split, device, dtype) -> torch.Tensor:
+    """Image tokens of every view of every sample, in order: N*V,I,D."""
+    from ablate.data.pipeline import preprocess_views
 
-    pixels = torch.stack([preprocess_image(s["image"], model.image_size) for s in samples])
+    pixels = torch.cat([preprocess_views(s["image"], model.image_size, split) for s in samples])
     return model.encode_images(pixels.to(device=device, dtype=dtype))
 
 
@@ -106,13 +111,16 @@ def _answer(text: str) -> str:
 @torch.no_grad()
 def evaluate(model, tok, cfg: DictConfig, device, dtype=torch.float32, progress: bool = False) -> dict:
     from ablate.data.pipeline import build_eval_samples
+    from ablate.data.splitting import Split
     from tqdm import tqdm
 
     root, e = Path(cfg.paths.data), cfg.eval
     stats = json.loads((root / fmt.STATS_FILE).read_text())
     was_training = model.training
     model.eval()
-    T = model.tokens_per_image
+    # The run's split (a run config from before splitting existed has none: no split).
+    split = Split.from_config(cfg.data.get("split"))
+    T = split.num_views * model.tokens_per_image  # placeholders per image in a prompt
     metrics, baselines, counts, samples = {}, {}, {}, {}
 
     if e.max_text:
@@ -125,7 +133,7 @@ def evaluate(model, tok, cfg: DictConfig, device, dtype=torch.float32, progress:
         data = build_eval_samples(root, "caption", e.max_caption)
         preds = {}
         for chunk in tqdm(list(_batches(data, e.batch_size)), desc="eval caption", disable=not progress):
-            img = _encode_images(model, chunk, device, dtype)
+            img = _encode_images(model, chunk, split, device, dtype)
             prompt = _image_prompt(tok, T, fmt.CAPTION_PROMPT)
             gen = generate(model, tok, [prompt] * len(chunk), img, e.max_new_tokens, {tok.eos_id})
             for s, g in zip(chunk, gen):
@@ -143,7 +151,7 @@ def evaluate(model, tok, cfg: DictConfig, device, dtype=torch.float32, progress:
         stop = {tok.eos_id} | ({period[-1]} if len(period) == 1 else set())
         preds = {}
         for chunk in tqdm(list(_batches(data, e.batch_size)), desc="eval vqa", disable=not progress):
-            img = _encode_images(model, chunk, device, dtype)
+            img = _encode_images(model, chunk, split, device, dtype)
             prompts = [_image_prompt(tok, T, fmt.VQA_PROMPT.format(question=s["question"])) for s in chunk]
             gen = generate(model, tok, prompts, img, e.max_answer_tokens, stop)
             for s, g in zip(chunk, gen):
