@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ablate.files import write_json
+from models.moe.megablocks import clear_megablocks_state
 
 COMPLETE = "COMPLETE"
 
@@ -77,6 +78,21 @@ def token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch
     return total / max(n, 1), n
 
 
+def aux_stats(aux: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
+    """The decoder's detached statistics (MoE router stats, ``moe/layer<i>/<name>``) as
+    Python numbers: scalars as floats, vectors (tokens per expert) as lists; one
+    device-to-host copy for all of them."""
+    if not aux:
+        return {}
+    flat = torch.cat([v.detach().float().flatten() for v in aux.values()]).tolist()
+    out, i = {}, 0
+    for key, value in aux.items():
+        n = value.numel()
+        out[key] = flat[i] if value.dim() == 0 else flat[i:i + n]
+        i += n
+    return out
+
+
 class DeepSpeedStrategy:
     def __init__(self, model: torch.nn.Module, cfg, world_size: int):
         import deepspeed
@@ -116,18 +132,24 @@ class DeepSpeedStrategy:
     def micro_step(self, batch: dict) -> dict:
         """Forward and backward one micro-batch, then ``engine.step()``.
 
+        ``stats["aux"]`` holds the decoder's statistics for this micro-batch (per MoE
+        layer: ``moe/layer<i>/imbalance``, ``entropy``, ``lb_loss``, ``z_loss`` as floats,
+        ``tokens_per_expert`` as a list); empty for a dense decoder.
+
         DeepSpeed wants ``step()`` after every micro-batch and applies the update only
         at the accumulation boundary; there the returned dict also holds the lr the
         update used and the global gradient norm before clipping.
         """
         b = self.to_device(batch)
+        clear_megablocks_state()  # MegaBlocks' global loss lists start every micro-batch empty
         out = self.engine(
             b["input_ids"], b["images"], positions_BT=b["positions"], doc_ids_BT=b["doc_ids"]
         )
         lm_loss, n = token_loss(out.logits, b["labels"])
         loss = lm_loss + out.aux_loss
         self.engine.backward(loss)
-        stats = {"loss": float(loss.detach()), "lm_loss": float(lm_loss.detach()), "tokens": n}
+        stats = {"loss": float(loss.detach()), "lm_loss": float(lm_loss.detach()), "tokens": n,
+                 "aux": aux_stats(out.aux)}
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
             return stats
