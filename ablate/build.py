@@ -16,13 +16,15 @@ Two slots may reach into another at build time, by config keys with a fixed mean
 
 from __future__ import annotations
 
+import inspect
+
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 # Arguments that the builder supplies; a config that sets them is rejected.
 DERIVED_ARGS = {
     "encoder": (),
-    "connector": ("in_dim", "out_dim", "num_patches"),
+    "connector": ("in_dim", "out_dim", "num_patches", "decoder_layers"),
     "decoder": (),
 }
 
@@ -45,10 +47,14 @@ def build_encoder(cfg: DictConfig):
     return encoder
 
 
-def build_connector(cfg: DictConfig, encoder, decoder_dim: int):
-    return instantiate(cfg.connector)(
-        in_dim=encoder.embed_dim, out_dim=decoder_dim, num_patches=encoder.num_patches()
-    )
+def build_connector(cfg: DictConfig, encoder, decoder):
+    """The connector, given the widths it joins (and the decoder's depth if it asks:
+    a connector that adds layers inside the decoder, like hyper-attention)."""
+    factory = instantiate(cfg.connector)
+    kwargs = dict(in_dim=encoder.embed_dim, out_dim=decoder.dim, num_patches=encoder.num_patches())
+    if "decoder_layers" in inspect.signature(factory.func).parameters:
+        kwargs["decoder_layers"] = decoder.n_layers
+    return factory(**kwargs)
 
 
 def decoder_vocab_size(cfg: DictConfig, tokenizer_vocab: int | None) -> int:
@@ -63,7 +69,12 @@ def decoder_vocab_size(cfg: DictConfig, tokenizer_vocab: int | None) -> int:
 
 
 def build_decoder(cfg: DictConfig, vocab_size: int | None):
-    return instantiate(cfg.decoder)(vocab_size=decoder_vocab_size(cfg, vocab_size))
+    """The decoder, with each block's FFN built by the ``ffn`` slot's factory (dense or
+    MoE, ``conf/ffn/``); a config without an ``ffn`` slot (older runs) gets dense FFNs."""
+    kwargs = {"vocab_size": decoder_vocab_size(cfg, vocab_size)}
+    if cfg.get("ffn") is not None:
+        kwargs["ffn"] = instantiate(cfg.ffn)()
+    return instantiate(cfg.decoder)(**kwargs)
 
 
 def build_model(cfg: DictConfig, vocab_size: int | None, image_token_id: int):
@@ -72,5 +83,5 @@ def build_model(cfg: DictConfig, vocab_size: int | None, image_token_id: int):
 
     encoder = build_encoder(cfg)
     decoder = build_decoder(cfg, vocab_size)
-    connector = build_connector(cfg, encoder, decoder.dim)
+    connector = build_connector(cfg, encoder, decoder)
     return VLM(encoder, connector, decoder, image_token_id=image_token_id)

@@ -13,6 +13,7 @@ tokens per image, learning-rate schedule) are computed in Python and printed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -28,11 +29,25 @@ class PathsConfig:
 
 
 @dataclass
+class SplitConfig:
+    """Image splitting (high-resolution mode); geometry in ``ablate/data/splitting.py``."""
+
+    grid: list[int] = field(default_factory=lambda: [1, 1])
+    """Crops per image as [rows, cols], each at the encoder resolution; [1, 1] = no splitting."""
+    overlap: int = 0
+    """Pixels shared by neighbouring crops (Molmo-style); 0 = plain tiling (MM1)."""
+    global_view: bool = False
+    """Also feed the whole image resized to the encoder resolution, as the first view."""
+
+
+@dataclass
 class DataConfig:
     weights: dict[str, float] = field(
         default_factory=lambda: {"caption": 0.45, "interleaved": 0.45, "text": 0.10}
     )
-    """Sampling weight per training stream (caption / interleaved / text)."""
+    """Document sampling weight per stream (caption / interleaved / text), normalised to sum 1."""
+    split: SplitConfig = field(default_factory=SplitConfig)
+    """Image splitting into crops (+ global view): each image becomes V views."""
     seq_len: int = 256
     """Packed sequence length in tokens, image tokens included."""
     num_workers: int = 2
@@ -135,6 +150,8 @@ class Config:
     """Vision-language connector (``_target_`` node, conf/connector/)."""
     decoder: Any = MISSING
     """Language decoder (``_target_`` node, conf/decoder/)."""
+    ffn: Any = MISSING
+    """The decoder's FFN in each layer: dense or mixture-of-experts (``_target_`` node, conf/ffn/)."""
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -144,7 +161,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-MODEL_SLOTS = ("encoder", "connector", "decoder")
+# An absolute path for ``@hydra.main``: given a relative one, Hydra resolves it against
+# the calling *module* when an app starts through a console script (``ablate-train``),
+# and then looks for an importable package named ``conf``.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+MODEL_SLOTS = ("encoder", "connector", "decoder", "ffn")
 
 
 def register_configs() -> None:

@@ -113,7 +113,59 @@ class Tracker:
             self.wandb = None
 
 
+class AuxWindow:
+    """The decoder's per-micro-batch statistics (``moe/layer<i>/<name>``) over a log window.
+
+    Scalars (imbalance, entropy, lb/z losses) are averaged over the window's
+    micro-batches and then over ranks; vectors (``tokens_per_expert``) are summed over
+    both, and the window's own load imbalance (max / mean of the summed counts) and
+    per-expert load fractions are derived from the sums. One all-reduce per record.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float | list[float]] = {}
+        self.n = 0
+
+    def add(self, aux: dict[str, float | list[float]]) -> None:
+        for key, value in aux.items():
+            if isinstance(value, list):
+                prev = self.sums.get(key, [0.0] * len(value))
+                self.sums[key] = [a + b for a, b in zip(prev, value)]
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.n += 1
+
+    def record(self, reduce) -> dict:
+        """Window averages/sums reduced over ranks with ``reduce(values, mean=flags)``."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        flat, flags = [], []
+        for key in keys:
+            value = self.sums[key]
+            vec = value if isinstance(value, list) else [value / self.n]
+            flat += vec
+            flags += [not isinstance(value, list)] * len(vec)
+        reduced, out, i = reduce(flat, mean=flags), {}, 0
+        for key in keys:
+            value = self.sums[key]
+            if isinstance(value, list):
+                counts = reduced[i:i + len(value)]
+                i += len(value)
+                total = sum(counts)
+                stem = key.rsplit("/", 1)[0]
+                out[f"{stem}/expert_load"] = [c / total if total else 0.0 for c in counts]
+                out[f"{stem}/imbalance_window"] = max(counts) * len(counts) / total if total else 0.0
+            else:
+                out[key] = reduced[i]
+                i += 1
+        self.sums, self.n = {}, 0
+        return out
+
+
 def _plain(v):
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
     try:
         return float(v) if not isinstance(v, (int, str, bool)) else v
     except (TypeError, ValueError):

@@ -27,9 +27,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ablate import dist
-from ablate.config import register_configs
+from ablate.config import CONF_DIR, register_configs
 from ablate.files import write_json
-from ablate.tracking import Tracker, register_resolvers
+from ablate.tracking import AuxWindow, Tracker, register_resolvers
 from ablate.validate import ConfigError, validate
 
 register_configs()
@@ -70,7 +70,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
                 print(f"[ablate] {run_dir} already finished; skipping (delete results.json to redo)")
             return done
 
-    from ablate.data.pipeline import build_train_loader
+    from ablate.data.pipeline import MixMeter, build_train_loader
+    from ablate.data.splitting import Split
     from ablate.data.tokenizer import load_tokenizer
     from ablate.build import build_model
     from ablate.strategy import DeepSpeedStrategy
@@ -90,18 +91,21 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
 
     ckpt_dir = run_dir / "checkpoints"
     loaded = strategy.load_latest(ckpt_dir)
-    start_step = 0
+    start_step, client = 0, {}
     if loaded is not None:
         start_step, client = loaded
         if "rng" in client:
             set_rng_state(client["rng"])
+    # Realised data mix, summed over ranks; its totals continue across a resume.
+    mix = MixMeter(dict(cfg.data.weights), client.get("data_mix"))
     if env.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         print(
             f"[ablate] run {run_dir}\n"
             f"[ablate] params: total {params['total']:,}  decoder non-embedding "
             f"{params['decoder_non_embedding']:,}\n"
-            f"[ablate] image tokens/image {derived['tokens_per_image']}  resolution "
+            f"[ablate] image views {derived['views']}  image tokens/image {derived['tokens_per_image']} "
+            f"({derived['views']} x {derived['tokens_per_view']})  resolution "
             f"{derived['image_size']}  ranks {env.world_size}  grad accumulation {accum}  "
             f"tokens/step {tokens_per_step:,}\n"
             + (f"[ablate] resumed from step {start_step}\n" if start_step else ""),
@@ -113,7 +117,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     loader = build_train_loader(
         cfg.paths.data, tok, weights=dict(cfg.data.weights), seq_len=seq_len,
         micro_batch_size=t.micro_batch_size, tokens_per_image=derived["tokens_per_image"],
-        image_size=derived["image_size"], rank=env.rank, world_size=env.world_size,
+        image_size=derived["image_size"], split=Split.from_config(cfg.data.split),
+        rank=env.rank, world_size=env.world_size,
         seed=cfg.seed, num_workers=cfg.data.num_workers, start_batch=start_step * accum,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
@@ -126,8 +131,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
                    dynamic_ncols=True, file=sys.stdout)
 
     strategy.engine.train()
-    window = {"loss": 0.0, "data_s": 0.0, "step_s": 0.0, "steps": 0, "label_tokens": 0}
-    stream_tokens = torch.zeros(3, dtype=torch.long)
+    window = {"loss": 0.0, "lm_loss": 0.0, "data_s": 0.0, "step_s": 0.0, "steps": 0, "label_tokens": 0}
+    router = AuxWindow()  # MoE router statistics; empty for a dense decoder
     last = {}
     for step in range(start_step + 1, t.max_steps + 1):
         t0 = time.perf_counter()
@@ -138,8 +143,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             data_s += time.perf_counter() - d0
             stats = strategy.micro_step(batch)
             loss_sum += stats["loss"] / accum
+            window["lm_loss"] += stats["lm_loss"] / accum
             window["label_tokens"] += stats["tokens"]
-            stream_tokens += batch["stream_tokens"]
+            router.add(stats["aux"])
+            mix.add(batch)
         window["loss"] += loss_sum
         window["data_s"] += data_s
         window["step_s"] += time.perf_counter() - t0
@@ -147,16 +154,22 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
-        if step % t.log_every == 0 or step == t.max_steps:
+        log_now = step % t.log_every == 0 or step == t.max_steps
+        save_now = (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps
+        if log_now or save_now:
+            mix.sync(dist.reduce_over_ranks)
+        if log_now:
             n = window["steps"]
             # Losses are averaged and token counts summed over ranks: the record describes
             # the global batch, not rank 0's share of it.
-            loss, loss_window, label_tokens, *streams = dist.reduce_over_ranks(
-                [loss_sum, window["loss"], window["label_tokens"], *stream_tokens.tolist()],
-                mean=[True, True, False, False, False, False])
+            loss, loss_window, lm_window, label_tokens = dist.reduce_over_ranks(
+                [loss_sum, window["loss"], window["lm_loss"], window["label_tokens"]],
+                mean=[True, True, True, False])
             last = {"train/loss": loss}
             record = {
                 "train/loss": loss, "train/loss_avg": loss_window / n,
+                # train/loss includes the MoE aux losses; compare dense and MoE on lm_loss.
+                "train/lm_loss": lm_window / n, "train/aux_loss": (loss_window - lm_window) / n,
                 "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
                 "perf/tokens_per_s": tokens_per_step * n / window["step_s"],
                 "perf/step_ms": 1000 * window["step_s"] / n,
@@ -164,12 +177,13 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
                 "perf/label_tokens_per_step": label_tokens / n,
                 "train/tokens_seen": step * tokens_per_step,
             }
-            for name, count in zip(("caption", "interleaved", "text"), streams):
-                record[f"data/share_{name}"] = count / max(sum(streams), 1)
+            record.update(mix.record())
+            record.update(router.record(dist.reduce_over_ranks))
             tracker.log(record, step)
             window = {k: 0 if isinstance(v, int) else 0.0 for k, v in window.items()}
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
-            client = {"step": step, "micro_batches": step * accum, "rng": rng_state()}
+        if save_now:
+            client = {"step": step, "micro_batches": step * accum, "rng": rng_state(),
+                      "data_mix": mix.state()}
             strategy.save(ckpt_dir, step, client, keep=t.keep_checkpoints)
     if bar is not None:
         bar.close()
@@ -178,7 +192,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         "schema_version": SCHEMA_VERSION, "run_name": f"{cfg.name}/{run_dir.name}",
         "status": "complete", "step": t.max_steps, "tokens_seen": t.max_steps * tokens_per_step,
         "overrides": overrides, "metrics": {}, "baselines": {}, "counts": {},
-        "params": params,
+        "params": params, "data_mix": mix.block(),
     }
     if last:
         results["metrics"]["train/loss"] = last["train/loss"]
@@ -202,7 +216,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     return results
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

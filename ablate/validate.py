@@ -4,14 +4,15 @@ before any process group, data loader or job starts.
 Hydra's typed schema (``ablate.config``) already rejects unknown keys and wrong
 types in the plain sections. This module adds what a schema cannot see:
 
-- model slots (``encoder``, ``connector``, ``decoder``) are checked against their
+- model slots (``encoder``, ``connector``, ``decoder``, ``ffn``) are checked against their
   ``_target_``'s constructor signature (unknown keys, type mismatches, derived
   arguments set by hand);
 - the model is built on the meta device, so shape rules enforced by the modules
   themselves (patch size dividing the resolution, square token grids, head counts)
   surface here, with the slot prefixed to the argument the module names;
 - cross-field rules: batch divisibility, sequence length vs image tokens, data
-  paths, mixture weights.
+  paths, mixture weights, image splitting (``data.split``; an image then costs
+  ``V`` views x the connector's tokens per view in the sequence).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import typing
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ablate.build import DERIVED_ARGS, build_connector, build_decoder, build_encoder
 from ablate.config import MODEL_SLOTS
 from ablate.data import format as fmt
+from ablate.data.splitting import Split, split_problems
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -88,12 +91,13 @@ def check_slot(slot: str, node) -> list[str]:
         hints = typing.get_type_hints(target.__init__)
     except Exception:  # unresolvable annotations: fall back to no type checks
         hints = {}
-    accepted = [p for p in params if p not in DERIVED_ARGS[slot] and p != "self"]
+    derived = DERIVED_ARGS.get(slot, ())  # ffn: nothing derived
+    accepted = [p for p in params if p not in derived and p != "self"]
     problems = []
     for key in node:
         if key in HYDRA_KEYS:
             continue
-        if key in DERIVED_ARGS[slot]:
+        if key in derived:
             problems.append(f"{slot}.{key}: derived at run time from the other slots; remove it")
         elif key not in params:
             problems.append(
@@ -125,9 +129,28 @@ def _vocab_size(cfg: DictConfig) -> int:
     return tokenizer_vocab or 1024
 
 
+def check_ffn(cfg: DictConfig) -> list[str]:
+    """The ffn slot's own arguments (e.g. ``top_k`` vs ``num_experts``) and whether the
+    decoder's depth leaves it any MoE layer; named ``ffn.<key>`` rather than blamed on
+    the decoder that builds it."""
+    node = cfg.get("ffn")
+    if node is None:
+        return []
+    try:
+        factory = instantiate(node)()
+        n_layers = cfg.decoder.get("n_layers")
+        if isinstance(n_layers, int) and n_layers > 0:
+            factory.check_depth(n_layers)
+    except (ValueError, TypeError) as e:
+        return [f"ffn.{e}"]
+    return []
+
+
 def check_model(cfg: DictConfig) -> tuple[list[str], object]:
     """Build each slot on the meta device; constructor errors name their argument."""
-    problems: list[str] = []
+    problems: list[str] = check_ffn(cfg)
+    if problems:
+        return problems, None
     with torch.device("meta"):
         try:
             encoder = build_encoder(cfg)
@@ -138,7 +161,7 @@ def check_model(cfg: DictConfig) -> tuple[list[str], object]:
         except (ValueError, TypeError) as e:
             return [f"decoder.{e}"], None
         try:
-            connector = build_connector(cfg, encoder, decoder.dim)
+            connector = build_connector(cfg, encoder, decoder)
         except (ValueError, TypeError) as e:
             return [f"connector.{e}"], None
     return problems, (encoder, connector, decoder)
@@ -200,6 +223,19 @@ def check_data(cfg: DictConfig, need_train: bool = True) -> list[str]:
     return problems
 
 
+def check_pretrained_path(cfg: DictConfig) -> list[str]:
+    """The encoder's pretrained weights exist in a readable format (a bad
+    ``pretrained_format`` itself is reported by the encoder's constructor)."""
+    enc = cfg.get("encoder")
+    if not isinstance(enc, DictConfig) or not enc.get("pretrained"):
+        return []
+    from models.encoders.convert import PRETRAINED_FORMATS, check_pretrained
+
+    fmt_name = enc.get("pretrained_format", "auto")
+    fmt_name = fmt_name if fmt_name in PRETRAINED_FORMATS else "auto"
+    return [f"encoder.{p}" for p in check_pretrained(enc.pretrained, fmt_name)]
+
+
 def validate(cfg: DictConfig, world_size: int = 1, check_paths: bool = True) -> dict:
     """Raise ``ConfigError`` listing every problem; return derived facts otherwise."""
     problems: list[str] = []
@@ -209,14 +245,29 @@ def validate(cfg: DictConfig, world_size: int = 1, check_paths: bool = True) -> 
     if not problems:  # a meta build needs well-typed slots
         model_problems, parts = check_model(cfg)
         problems += model_problems
-    tokens_per_image = parts[1].num_tokens if parts else None
+    image_size = parts[0].image_size if parts else None
+    split, split_errors = cfg.data.get("split"), []
+    if split is not None:
+        grid = split.get("grid")
+        grid = OmegaConf.to_object(grid) if OmegaConf.is_config(grid) else grid
+        split_errors = split_problems(grid, split.get("overlap"), split.get("global_view"), image_size)
+    problems += split_errors
+    views = 1 if split_errors else Split.from_config(split).num_views
+    tokens_per_image = per_view = None
+    if parts:
+        # What one image occupies in the text sequence: V views x the connector's tokens
+        # in the sequence per view (``seq_tokens`` where that differs from ``num_tokens``).
+        connector = parts[1]
+        per_view = getattr(connector, "seq_tokens", connector.num_tokens)
+        tokens_per_image = views * per_view
     problems += check_training(cfg, world_size, tokens_per_image)
     if check_paths:
-        problems += check_data(cfg)
+        problems += check_data(cfg) + check_pretrained_path(cfg)
     configured, tokenizer_vocab = cfg.decoder.get("vocab_size"), tokenizer_vocab_size(cfg)
     if isinstance(configured, int) and tokenizer_vocab and configured < tokenizer_vocab:
         problems.append(f"decoder.vocab_size={configured}: smaller than the tokenizer's "
                         f"{tokenizer_vocab} ids under paths.data")
     if problems:
         raise ConfigError(problems)
-    return {"tokens_per_image": tokens_per_image, "image_size": parts[0].image_size}
+    return {"tokens_per_image": tokens_per_image, "image_size": image_size, "views": views,
+            "tokens_per_view": per_view}

@@ -7,14 +7,22 @@ Notable choices:
 - Positions are explicit (``positions_BT``), so packed sequences restart RoPE per
   document; ``doc_ids_BT`` additionally stops attention across documents. Without
   ``doc_ids`` the plain causal kernel (``is_causal=True``) is used.
-- Each block's FFN is its own module (``block.ffn``). An FFN may return a tensor
-  (dense) or a tuple ``(y, aux_loss, aux)`` (MoE: its load-balance/z-losses and stats);
-  the decoder sums them over layers and returns them in ``DecoderOutput``, never in
-  module state.
+- Each block's FFN is its own module (``block.ffn``), built by an optional factory
+  ``ffn(layer_id, dim, hidden)`` (``conf/ffn/``: ``models.moe.DenseFFN`` or
+  ``MoEFFN``); without one, every block gets ``SwiGLU(dim, ffn_hidden)``. An FFN may
+  return a tensor (dense) or a tuple ``(y, aux_loss, aux)`` (MoE: its load-balance/
+  z-losses and stats, keyed per layer); the decoder sums them over layers and returns
+  them in ``DecoderOutput``, never in module state.
 - Init: normal(``init_std``) everywhere, with the residual-output projections (``wo``,
-  ``w2``) scaled by ``1/sqrt(2 * n_layers)`` (GPT-2) so the residual stream's variance
-  does not grow with depth.
+  ``w2``, MoE experts' ``w2``) scaled by ``1/sqrt(2 * n_layers)`` (GPT-2) so the
+  residual stream's variance does not grow with depth.
 - RoPE uses the rotate-half layout of Hugging Face Llama checkpoints.
+- ``attn_branches`` lets a caller run something in parallel with a block's
+  self-attention, on the same normed input (mPLUG-Owl3's hyper-attention: a
+  cross-attention to image features, gated into the self-attention output). The
+  decoder knows nothing of images: a branch is a callable ``(h_BTD, attn_BTD) ->
+  mixed_BTD`` given per layer index at call time; its modules live with whoever
+  passes it (the connector), so the decoder's parameters stay those of a text LM.
 
 Shape legend: B batch, T sequence, D model dim, V vocab, H query heads, K key/value
 heads, E head dim, F FFN hidden.
@@ -23,13 +31,14 @@ heads, E head dim, F FFN hidden.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.layers import RMSNorm, SwiGLU, apply_rope, check_positive, rope_cos_sin
+from models.moe.experts import Experts
 
 
 class DecoderOutput(NamedTuple):
@@ -90,19 +99,25 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``; ``ffn`` defaults
+    to ``SwiGLU(dim, ffn_hidden)``."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, ffn_hidden: int, norm_eps: float,
-                 rope_theta: float):
+                 rope_theta: float, ffn: nn.Module | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.attn = Attention(dim, n_heads, n_kv_heads, rope_theta)
         self.ffn_norm = RMSNorm(dim, norm_eps)
-        self.ffn = SwiGLU(dim, ffn_hidden)
+        self.ffn = SwiGLU(dim, ffn_hidden) if ffn is None else ffn
 
-    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask_B1TT: Tensor | None
+    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask_B1TT: Tensor | None,
+                branch: Callable[[Tensor, Tensor], Tensor] | None = None
                 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask_B1TT)
+        h_BTD = self.attn_norm(x_BTD)
+        attn_BTD = self.attn(h_BTD, rope, mask_B1TT)
+        if branch is not None:  # runs beside self-attention on the same normed input
+            attn_BTD = branch(h_BTD, attn_BTD)
+        x_BTD = x_BTD + attn_BTD
         out = self.ffn(self.ffn_norm(x_BTD))
         aux_loss, aux = None, {}
         if isinstance(out, tuple):  # an MoE FFN returns (y, aux_loss, aux)
@@ -127,6 +142,8 @@ class Transformer(nn.Module):
         tie_embeddings: share the token-embedding matrix with the output head.
         init_std: standard deviation of the normal init (residual outputs are scaled
             down by ``sqrt(2 * n_layers)``).
+        ffn: builds each block's FFN as ``ffn(layer_id=i, dim=dim, hidden=ffn_hidden)``
+            (a ``conf/ffn/`` factory: dense or MoE); None = ``SwiGLU(dim, ffn_hidden)``.
     """
 
     def __init__(
@@ -142,6 +159,7 @@ class Transformer(nn.Module):
         max_seq_len: int = 2048,
         tie_embeddings: bool = False,
         init_std: float = 0.02,
+        ffn: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
         check_positive(
@@ -173,7 +191,9 @@ class Transformer(nn.Module):
 
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(
-            Block(dim, n_heads, n_kv_heads, self.ffn_hidden, norm_eps, rope_theta) for _ in range(n_layers)
+            Block(dim, n_heads, n_kv_heads, self.ffn_hidden, norm_eps, rope_theta,
+                  ffn=None if ffn is None else ffn(layer_id=i, dim=dim, hidden=self.ffn_hidden))
+            for i in range(n_layers)
         )
         self.norm = RMSNorm(dim, norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
@@ -193,6 +213,8 @@ class Transformer(nn.Module):
                     continue  # shares the embedding matrix, initialised once
                 std = residual_std if name.endswith((".wo", ".w2")) else self.init_std
                 nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, Experts):  # stacked MoE experts (their w2 is a residual output)
+                m.init_weights(self.init_std, residual_std)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; ``non_embedding`` leaves out the token embedding and the
@@ -213,10 +235,16 @@ class Transformer(nn.Module):
         x_BTD: Tensor,
         positions_BT: Tensor | None = None,
         doc_ids_BT: Tensor | None = None,
+        attn_branches: dict[int, Callable[[Tensor, Tensor], Tensor]] | None = None,
     ) -> DecoderOutput:
         """Causal pass over embeddings. ``positions_BT`` (B,T or T; default ``arange(T)``)
         feed RoPE; with ``doc_ids_BT`` a token attends only to earlier tokens of its own
-        document (packed rows)."""
+        document (packed rows). ``attn_branches`` maps a layer index to a callable run
+        beside that layer's self-attention (see the module docstring)."""
+        branches = attn_branches or {}
+        bad = [i for i in branches if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"attn_branches for layers {bad}, but the decoder has {self.n_layers} layers")
         B, T, _ = x_BTD.shape
         if T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len}")
@@ -229,8 +257,8 @@ class Transformer(nn.Module):
 
         aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
         aux: dict[str, Tensor] = {}
-        for layer in self.layers:
-            x_BTD, layer_loss, layer_aux = layer(x_BTD, rope, mask_B1TT)
+        for i, layer in enumerate(self.layers):
+            x_BTD, layer_loss, layer_aux = layer(x_BTD, rope, mask_B1TT, branches.get(i))
             if layer_loss is not None:
                 aux_loss = aux_loss + layer_loss
             for key, value in layer_aux.items():
