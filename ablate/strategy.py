@@ -10,10 +10,18 @@ Notable choices:
 - A checkpoint is complete only once every rank has written its part and rank 0
   has written ``COMPLETE`` into the tag directory; loading ignores tags without it,
   so a job killed mid-save resumes from the previous complete checkpoint.
+- Expert parallelism (``deepspeed.expert_parallel`` > 1, ``ablate/expert_parallel.py``):
+  the sharded expert parameters get optimizer groups of their own (DeepSpeed's
+  ``split_params_into_different_moe_groups_for_optimizer``), the engine is told the model
+  has MoE layers so that it reduces them over the expert-data-parallel group only, and
+  every checkpoint also holds one expert-shard file per EP rank, put back on load. With
+  ZeRO 0 in fp32 the gradient norm and clipping are done here over all experts
+  (DeepSpeed's own clipping there averages the per-rank norms instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -22,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ablate import expert_parallel as ep
 from ablate.files import write_json
 from models.moe.megablocks import clear_megablocks_state
 
@@ -41,15 +50,34 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups; with sharded experts, each group's expert parameters move to a group
+    of their own marked ``moe`` (DeepSpeed's split), which ZeRO partitions over the
+    expert-data-parallel group instead of all ranks."""
     # Decay matrices only: norms, biases and position/gate vectors keep their scale.
     decay, keep = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else keep).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": keep, "weight_decay": 0.0},
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": keep, "weight_decay": 0.0, "name": "no_decay"},
     ]
+    if ep.expert_parallel_layers(model):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
+
+
+def expert_parallel_size(cfg) -> int:
+    return int(cfg.deepspeed.get("expert_parallel", 1))
+
+
+def clips_itself(cfg) -> bool:
+    """Whether the strategy, not DeepSpeed, clips: plain fp32 data parallel (ZeRO 0) with
+    sharded experts, where DeepSpeed's clipping norm is the mean of the ranks' norms."""
+    d = cfg.deepspeed
+    return expert_parallel_size(cfg) > 1 and d.zero_stage == 0 and d.precision == "fp32"
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -59,7 +87,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(cfg) else cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
         "steps_per_print": 10**9,  # we log ourselves
@@ -105,11 +133,18 @@ class DeepSpeedStrategy:
             optimizer, lr_lambda(o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio)
         )
         self.config = deepspeed_config(cfg, world_size)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
-        )
+        self.ep_size = expert_parallel_size(cfg)
+        sharded = bool(ep.expert_parallel_layers(model))
+        if sharded != (self.ep_size > 1):
+            raise ValueError(f"deepspeed.expert_parallel={self.ep_size} but the model's experts are "
+                             f"{'' if sharded else 'not '}sharded (apply ablate.expert_parallel first)")
+        with ep.moe_engine() if sharded else contextlib.nullcontext():
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+            )
         self.accum = self.config["gradient_accumulation_steps"]
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        self.clip = cfg.optim.grad_clip if clips_itself(cfg) else 0.0
 
     @property
     def module(self) -> torch.nn.Module:
@@ -158,13 +193,26 @@ class DeepSpeedStrategy:
         if not (self.engine.zero_optimization() or self.engine.bfloat16_enabled()):
             # Plain fp32 data parallel clips without recording the norm; measure it here,
             # before clipping (gradients are already averaged over ranks at the boundary).
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            if self.ep_size > 1:
+                norm = ep.grad_norm(self.engine.module)  # every expert once, over all ranks
+                if self.clip > 0:
+                    self._clip(norm)
+            else:
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self.engine.step()
         if norm is None:
             norm = self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(norm) if norm is not None else float("nan")
         return stats
+
+    @torch.no_grad()
+    def _clip(self, norm: torch.Tensor) -> None:
+        # The formula of DeepSpeed's and torch's clip_grad_norm_.
+        coef = (self.clip / (norm + 1e-6)).clamp(max=1.0)
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device))
 
     # --- checkpoints -----------------------------------------------------------
     @staticmethod
@@ -187,6 +235,8 @@ class DeepSpeedStrategy:
 
         tag = self.tag(step)
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+        if self.ep_size > 1:
+            ep.save_expert_shards(self.engine.module, ckpt_dir / tag)  # one file per EP rank
         dist.barrier()  # every rank's files are on disk before the marker
         if dist.get_rank() == 0:
             write_json(ckpt_dir / tag / COMPLETE, {"step": step, "time": time.time()})
@@ -202,4 +252,14 @@ class DeepSpeedStrategy:
             return None
         step, tag = tags[-1]
         _, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if self.ep_size > 1:
+            # DeepSpeed's model file is rank 0's: it gave every rank rank 0's experts. The
+            # shards put each rank's own back. ZeRO 1/2 restored their fp32 master copies from
+            # the per-rank files; those must agree with the shards, or the next step would
+            # overwrite the experts with someone else's.
+            ep.load_expert_shards(self.engine.module, ckpt_dir / tag)
+            diff = ep.master_weight_mismatch(self.engine.module)
+            if diff > 0:
+                raise RuntimeError(f"{ckpt_dir / tag}: the optimizer's master weights of the experts differ "
+                                   f"from the saved expert shards (max abs difference {diff:.3g})")
         return step, client_state or {}

@@ -47,7 +47,11 @@ def load_module_state(ckpt_dir: Path, step: int | None, zero_stage: int = 0) -> 
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete or not DeepSpeed's")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    return step, state["module"]
+    # Under expert parallelism DeepSpeed's model file holds rank 0's experts only; the
+    # other ranks' experts are in the per-rank shard files beside it.
+    from ablate.expert_parallel import merge_expert_shards
+
+    return step, merge_expert_shards(state["module"], ckpt_dir / tag)
 
 
 def main(argv: list[str] | None = None) -> int:

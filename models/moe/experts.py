@@ -13,7 +13,9 @@ of its rows however many there are (no capacity factor, nothing dropped or padde
 and the outputs are put back in pair order and summed per token with the gate
 weights. It runs on any device. The weights are split with ``unbind`` (one backward
 node that stacks the E gradients) rather than indexed per expert, which would build
-an ``E,F,D`` zero tensor per expert in the backward pass.
+an ``E,F,D`` zero tensor per expert in the backward pass. ``run_grouped`` (rows sorted
+by expert in, outputs in the same order out) is the only method that touches the
+weights: expert parallelism, applied from ``ablate/``, overrides just that.
 
 Shape legend: N tokens, D model dim, F expert hidden, E experts, k experts per token,
 S = N*k routed pairs.
@@ -68,15 +70,31 @@ class Experts(nn.Module):
         k = r.experts_Nk.shape[1]
         order_S = torch.argsort(r.experts_Nk.flatten(), stable=True)  # pairs grouped by expert
         x_SD = x_ND.index_select(0, order_S // k)  # pair s belongs to token s // k
-        chunks = x_SD.split(r.counts_E.tolist())
-        ys = [
-            F.linear(F.silu(F.linear(xe, w1)) * F.linear(xe, w3), w2)
-            for xe, w1, w3, w2 in zip(chunks, self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0))
-        ]
-        y_SD = torch.cat(ys)
+        y_SD = self.run_grouped(x_SD, r.counts_E)
         inverse_S = torch.empty_like(order_S)
         inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
         y_NkD = y_SD.index_select(0, inverse_S).view(N, k, D)
         # Combine in float32 (the gate weights are float32), then back to the input dtype.
         y_ND = (y_NkD * r.weights_Nk.unsqueeze(-1)).sum(dim=1)
         return y_ND.to(x_ND.dtype), None
+
+    def run_grouped(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
+        """Each row of ``x_SD`` through its expert: the rows come grouped by expert id,
+        ``counts_E[e]`` of them for expert e, and the outputs keep that order.
+
+        The only place the expert weights are used. Expert parallelism
+        (``ablate/expert_parallel.py``) overrides it: rows travel to the rank that holds
+        their expert and back, so the routing, sorting and combining above stay one code.
+        """
+        return grouped_swiglu(x_SD, counts_E.tolist(), self.w1, self.w3, self.w2)
+
+
+def grouped_swiglu(x_SD: Tensor, counts: list[int], w1_EFD: Tensor, w3_EFD: Tensor, w2_EDF: Tensor) -> Tensor:
+    """Rows grouped by expert (``counts[e]`` rows for expert e, ``len(counts)`` = E) through
+    their expert's SwiGLU, in the same order; an expert with no rows costs nothing."""
+    chunks = x_SD.split(counts)
+    ys = [
+        F.linear(F.silu(F.linear(xe, w1)) * F.linear(xe, w3), w2)
+        for xe, w1, w3, w2 in zip(chunks, w1_EFD.unbind(0), w3_EFD.unbind(0), w2_EDF.unbind(0))
+    ]
+    return torch.cat(ys)
