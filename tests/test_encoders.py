@@ -7,9 +7,6 @@ presets against the published figures."""
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -21,29 +18,13 @@ from models.encoders.convert import check_pretrained, load_pretrained
 from models.encoders.vit import ViT
 from models.utils import count_params
 from tests.conftest import compose
+from tests.reference_libs import import_reference_libraries
 
 IMG, PATCH, W, DEPTH, HEADS = 32, 8, 32, 3, 4  # a 4x4 patch grid, 3 blocks
 ATOL = 1e-5
 
 
-def _import_reference_libraries():
-    """timm, open_clip and transformers, importable even where the installed torchvision
-    is a CUDA build next to a CPU torch: its fake-op registrations need the compiled ops,
-    which such a build cannot load, and none of the code used here needs them."""
-    try:
-        import torchvision  # noqa: F401
-    except (RuntimeError, OSError):
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    import open_clip.model
-    import timm.models.vision_transformer
-    import transformers
-
-    return open_clip, timm, transformers
-
-
-open_clip, timm, transformers = _import_reference_libraries()
+open_clip, timm, transformers = import_reference_libraries()
 
 
 @pytest.fixture(autouse=True)
