@@ -58,10 +58,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    """Peak learning rate."""
+    lr: Any = 1e-3
+    """Peak learning rate: a number, ``law`` (MM1's published law at the decoder's
+    non-embedding N) or ``law:/path/lr_law.json`` (a law from ``ablate-lr fit``); see
+    ``ablate/lr.py``. Checked by ``ablate.validate``."""
     weight_decay: float = 0.1
-    """AdamW weight decay in torch's convention (decay is multiplied by the lr)."""
+    """AdamW weight decay in torch's convention (per step the weights shrink by the
+    scheduled lr x weight_decay); 0.1 equals MM1's decoupled 0.1 x eta at any eta."""
+    decoupled_weight_decay: float | None = None
+    """Decay in the decoupled convention (not multiplied by the lr, MM1's lambda); when
+    set it replaces weight_decay with decoupled_weight_decay / peak lr."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     eps: float = 1e-8
@@ -80,6 +86,11 @@ class DeepSpeedConfig:
     """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
     precision: str = "fp32"
     """fp32 or bf16 (bf16 keeps fp32 master weights inside DeepSpeed)."""
+    expert_parallel: int = 1
+    """Expert-parallel size P: each MoE layer's routed experts are sharded over groups of P
+    consecutive ranks (E/P each), tokens exchanged by all-to-all (``ablate/expert_parallel.py``);
+    1 = every rank holds every expert. Needs ffn=moe (torch backend), P dividing the ranks
+    and ffn.num_experts, and ZeRO stage 0, 1 or 2."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed config keys merged last (advanced; not validated)."""
 
@@ -118,6 +129,9 @@ class TrainConfig:
     """Use torch deterministic algorithms (needed for bit-identical resume)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    init_from: str | None = None
+    """Model weights to start from instead of a random init (an ``ablate-upcycle`` output
+    directory or a state-dict file); ignored once the run has a checkpoint to resume."""
 
 
 @dataclass

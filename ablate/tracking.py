@@ -53,6 +53,18 @@ def flatten(d, prefix: str = "") -> dict:
     return out
 
 
+def override_config(overrides: list[str]) -> dict[str, str]:
+    """``override.<key>`` -> value for each Hydra override (``+``/``++`` dropped, ``hydra.*``
+    left out): wandb config keys the UI can group runs by, one per swept axis (the run's
+    overrides hold them; ``ablate-compare`` tells the swept ones from the fixed ones)."""
+    out = {}
+    for item in overrides:
+        key, sep, value = str(item).lstrip("+").partition("=")
+        if sep and not key.startswith(("hydra.", "~")):
+            out[f"override.{key}"] = value
+    return out
+
+
 class Tracker:
     """Rank 0 logs; other ranks get a tracker that does nothing."""
 
@@ -76,7 +88,8 @@ class Tracker:
                 name=name,
                 group=cfg.logger.group or group,
                 tags=[o[:64] for o in overrides] + list(cfg.logger.tags),
-                config=flatten(OmegaConf.to_container(cfg, resolve=True)),
+                config={**flatten(OmegaConf.to_container(cfg, resolve=True)),
+                        **override_config(overrides)},
                 dir=str(run_dir),
                 mode=cfg.logger.mode,
                 resume="allow",

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from ablate import dist
 from ablate.config import CONF_DIR, register_configs
 from ablate.files import write_json
+from ablate.lr import resolve as resolve_optim
 from ablate.tracking import AuxWindow, Tracker, register_resolvers
 from ablate.validate import ConfigError, validate
 
@@ -74,6 +75,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     from ablate.data.splitting import Split
     from ablate.data.tokenizer import load_tokenizer
     from ablate.build import build_model
+    from ablate.expert_parallel import apply_expert_parallel
     from ablate.strategy import DeepSpeedStrategy
     from models.utils import count_params
 
@@ -81,15 +83,32 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     seed_everything(cfg.seed, cfg.train.deterministic)
     tok = load_tokenizer(cfg.paths.data)
     model = build_model(cfg, tok.vocab_size, tok.image_id)
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.train.init_from and not DeepSpeedStrategy.complete_tags(ckpt_dir):
+        # Weights only (e.g. an upcycled decoder), before ZeRO partitions them; a resumed
+        # run has trained past them and loads its own checkpoint instead.
+        from ablate.weights import load_init
+
+        try:
+            parts = load_init(model, cfg.train.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError([str(e)]) from None
+        if env.is_main:
+            print(f"[ablate] {', '.join(parts)} initialised from {cfg.train.init_from}", flush=True)
     # Counted before the engine exists: ZeRO-3 partitions the parameters away.
     params = {"total": count_params(model),
               "decoder_non_embedding": model.decoder.num_params(non_embedding=True)}
+    # Derived here, passed to the optimizer through cfg: the peak lr (a number, or the law
+    # at this decoder's N) and the weight decay in torch's AdamW convention (ablate/lr.py).
+    optim = resolve_optim(cfg.optim, params["decoder_non_embedding"])
+    cfg.optim.lr, cfg.optim.weight_decay = optim.lr, optim.weight_decay
+    # Each rank keeps its slice of the experts (counted above in full, before sharding).
+    apply_expert_parallel(model, cfg.deepspeed.expert_parallel)
     strategy = DeepSpeedStrategy(model, cfg, env.world_size)
     t, accum = cfg.train, strategy.accum
     seq_len = cfg.data.seq_len
     tokens_per_step = t.global_batch_size * seq_len
 
-    ckpt_dir = run_dir / "checkpoints"
     loaded = strategy.load_latest(ckpt_dir)
     start_step, client = 0, {}
     if loaded is not None:
@@ -108,11 +127,15 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             f"({derived['views']} x {derived['tokens_per_view']})  resolution "
             f"{derived['image_size']}  ranks {env.world_size}  grad accumulation {accum}  "
             f"tokens/step {tokens_per_step:,}\n"
+            + f"[ablate] {optim.describe()}\n"
             + (f"[ablate] resumed from step {start_step}\n" if start_step else ""),
             flush=True,
         )
     group = cfg.name
     tracker = Tracker(cfg, run_dir, overrides, group, enabled=env.is_main, resume_step=start_step)
+    if start_step == 0:  # once per run: a resumed run's history already has it
+        tracker.log(optim.record(), 0)
+    tracker.summary(optim.record())
 
     loader = build_train_loader(
         cfg.paths.data, tok, weights=dict(cfg.data.weights), seq_len=seq_len,
@@ -193,12 +216,19 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         "status": "complete", "step": t.max_steps, "tokens_seen": t.max_steps * tokens_per_step,
         "overrides": overrides, "metrics": {}, "baselines": {}, "counts": {},
         "params": params, "data_mix": mix.block(),
+        "optim": {k.removeprefix("optim/"): v for k, v in optim.record().items()},
     }
     if last:
         results["metrics"]["train/loss"] = last["train/loss"]
     if cfg.eval.at_end:
         from ablate.eval.evaluate import evaluate
 
+        if cfg.deepspeed.expert_parallel > 1:
+            # Every rank gets all experts back: generation then needs no all-to-all, so
+            # ranks whose greedy decoding stops at different steps cannot hang.
+            from ablate.expert_parallel import gather_experts
+
+            gather_experts(strategy.module)
         ev = evaluate(strategy.module, tok, cfg, device=strategy.device, dtype=strategy.dtype,
                       progress=env.is_main and t.progress)
         results["metrics"].update(ev["metrics"])

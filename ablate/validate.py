@@ -12,7 +12,9 @@ types in the plain sections. This module adds what a schema cannot see:
   surface here, with the slot prefixed to the argument the module names;
 - cross-field rules: batch divisibility, sequence length vs image tokens, data
   paths, mixture weights, image splitting (``data.split``; an image then costs
-  ``V`` views x the connector's tokens per view in the sequence).
+  ``V`` views x the connector's tokens per view in the sequence), expert parallelism
+  (``deepspeed.expert_parallel`` against the ranks, the experts, the MoE backend and the
+  ZeRO stage).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ablate.build import DERIVED_ARGS, build_connector, build_decoder, build_enc
 from ablate.config import MODEL_SLOTS
 from ablate.data import format as fmt
 from ablate.data.splitting import Split, split_problems
+from ablate.lr import optim_problems
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -182,8 +185,6 @@ def check_training(cfg: DictConfig, world_size: int, tokens_per_image: int | Non
         problems.append(f"train.max_steps={t.max_steps}: must be >= 1")
     if not 0 <= o.warmup_steps < max(t.max_steps, 1):
         problems.append(f"optim.warmup_steps={o.warmup_steps}: must be in [0, train.max_steps)")
-    if o.lr <= 0:
-        problems.append(f"optim.lr={o.lr}: must be > 0")
     if not 0 <= o.min_lr_ratio <= 1:
         problems.append(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
@@ -208,6 +209,35 @@ def check_training(cfg: DictConfig, world_size: int, tokens_per_image: int | Non
         problems.append(f"decoder.max_seq_len={max_len}: smaller than data.seq_len={d.seq_len}")
     if d.num_workers < 0:
         problems.append(f"data.num_workers={d.num_workers}: must be >= 0")
+    return problems
+
+
+def check_expert_parallel(cfg: DictConfig, world_size: int) -> list[str]:
+    """``deepspeed.expert_parallel`` (P): P >= 1; for P > 1, P divides the ranks and
+    ``ffn.num_experts``, the FFN is an MoE on the torch backend, and ZeRO is stage 0-2."""
+    size = cfg.deepspeed.get("expert_parallel", 1)
+    key = f"deepspeed.expert_parallel={size}"
+    if size < 1:
+        return [f"{key}: must be >= 1 (1 = no expert parallelism)"]
+    if size == 1:
+        return []
+    problems = []
+    if world_size % size:
+        problems.append(f"{key}: does not divide the {world_size} rank(s) (expert-parallel groups are "
+                        f"{size} consecutive ranks; the data-parallel size of the experts is ranks / {size})")
+    ffn = cfg.get("ffn")
+    experts = ffn.get("num_experts") if isinstance(ffn, DictConfig) else None
+    if experts is None:
+        problems.append(f"{key}: needs ffn=moe (the FFN has no experts to shard)")
+        return problems
+    if isinstance(experts, int) and experts % size:
+        problems.append(f"ffn.num_experts={experts}: not divisible by {key} (each rank holds "
+                        f"num_experts / expert_parallel experts)")
+    if ffn.get("backend", "torch") != "torch":
+        problems.append(f"ffn.backend={ffn.backend}: {key} is implemented for ffn.backend=torch only")
+    if cfg.deepspeed.zero_stage == 3:
+        problems.append(f"deepspeed.zero_stage=3: not supported with {key} (DeepSpeed's ZeRO-3 accepts "
+                        "only its own AutoEP MoE layers); use deepspeed=zero1 or zero2")
     return problems
 
 
@@ -261,6 +291,9 @@ def validate(cfg: DictConfig, world_size: int = 1, check_paths: bool = True) -> 
         per_view = getattr(connector, "seq_tokens", connector.num_tokens)
         tokens_per_image = views * per_view
     problems += check_training(cfg, world_size, tokens_per_image)
+    # optim.lr: a number or law[:file]; a law is evaluated at the decoder's non-embedding N.
+    problems += optim_problems(cfg.optim, parts[2].num_params(non_embedding=True) if parts else None)
+    problems += check_expert_parallel(cfg, world_size)
     if check_paths:
         problems += check_data(cfg) + check_pretrained_path(cfg)
     configured, tokenizer_vocab = cfg.decoder.get("vocab_size"), tokenizer_vocab_size(cfg)

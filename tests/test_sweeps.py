@@ -26,7 +26,8 @@ BASE = "experiment=mm1/full"
 # Keys the base experiment sets inside the groups (they stay after a group is swapped).
 BASE_KEYS = yaml.safe_load((REPO / "conf" / "experiment" / "mm1" / "full.yaml").read_text())
 # Points per grid: the axes the sweeps are meant to cover.
-EXPECTED_POINTS = {"encoder": 4, "resolution": 3, "image_tokens": 3, "connector": 8, "data_mix": 6}
+EXPECTED_POINTS = {"encoder": 4, "resolution": 3, "image_tokens": 3, "connector": 8, "data_mix": 6,
+                   "lr_law": 24}
 
 
 def sweep_params(name: str) -> dict[str, str]:
