@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export OMP_NUM_THREADS ?= 2
 
 
-.PHONY: setup demo test test-all bench clean mm1-small
+.PHONY: setup demo test test-all test-slurm bench clean mm1-small
 
 setup: $(STAMP)
 
@@ -37,10 +37,15 @@ mm1-small: $(STAMP)
 	$(PY) -m sweeps.mm1_small --data data/synth --runs runs
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15
+	$(PY) -m pytest -q -m "not slow and not gpu and not slurm" --durations=15
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu" --durations=15
+	$(PY) -m pytest -q -m "not gpu and not slurm" --durations=15
+
+# Sweeps, multi-task jobs and failures against a real one-node SLURM cluster on
+# localhost (slurm/local/: installs the Debian packages and starts it; needs root).
+test-slurm: $(STAMP)
+	$(PY) -m pytest -q -m slurm --durations=15
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py

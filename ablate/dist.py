@@ -37,7 +37,9 @@ def free_port() -> int:
 def _slurm_master() -> str:
     # The first host of the allocation; SLURM_NODELIST is compressed ("node[01-04]"),
     # so take the prefix and the first number of the first range.
-    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    env = os.environ
+    nodes = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+             or env.get("SLURM_NODELIST", ""))
     if not nodes:
         return "127.0.0.1"
     first = nodes.split(",")[0]
