@@ -132,6 +132,8 @@ class TrainConfig:
     init_from: str | None = None
     """Model weights to start from instead of a random init (an ``ablate-upcycle`` output
     directory or a state-dict file); ignored once the run has a checkpoint to resume."""
+    preempt_signal: str = "USR2"
+    """Signal that saves a checkpoint at the next step and requeues the job (ablate/preempt.py)."""
 
 
 @dataclass

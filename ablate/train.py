@@ -76,6 +76,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     from ablate.data.tokenizer import load_tokenizer
     from ablate.build import build_model
     from ablate.expert_parallel import apply_expert_parallel
+    from ablate.preempt import Preemption
     from ablate.strategy import DeepSpeedStrategy
     from models.utils import count_params
 
@@ -153,6 +154,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         bar = tqdm(total=t.max_steps, initial=start_step, desc=run_dir.name[:40], unit="step",
                    dynamic_ncols=True, file=sys.stdout)
 
+    preempt = Preemption(t.preempt_signal)  # a signal sets a flag; acted on below
     strategy.engine.train()
     window = {"loss": 0.0, "lm_loss": 0.0, "data_s": 0.0, "step_s": 0.0, "steps": 0, "label_tokens": 0}
     router = AuxWindow()  # MoE router statistics; empty for a dense decoder
@@ -204,10 +206,16 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             record.update(router.record(dist.reduce_over_ranks))
             tracker.log(record, step)
             window = {k: 0 if isinstance(v, int) else 0.0 for k, v in window.items()}
-        if save_now:
+        stop, requeue = preempt.agreed() if step < t.max_steps else (False, False)
+        if stop and not save_now:
+            mix.sync(dist.reduce_over_ranks)
+        if save_now or stop:
             client = {"step": step, "micro_batches": step * accum, "rng": rng_state(),
                       "data_mix": mix.state()}
             strategy.save(ckpt_dir, step, client, keep=t.keep_checkpoints)
+        if stop:  # preempted or near the time limit: all ranks saved this step
+            tracker.finish()
+            preempt.exit(step, requeue, env.is_main)
     if bar is not None:
         bar.close()
 

@@ -6,13 +6,15 @@ Run with `make test-slurm` (root: the fixture installs and starts the cluster)."
 from __future__ import annotations
 
 import json
-import time
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, train_args
+from tests.conftest import REPO, run_cli, train_args
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
@@ -97,3 +99,41 @@ def test_two_task_job_trains_with_two_ranks(slurm_cluster, corpus, tmp_path):
     (run_dir,) = [p.parent for p in sweep.glob("*/results.json")]
     (ckpt,) = [p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir()]
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2
+
+
+def test_signal_requeues_and_resumes_with_uninterrupted_losses(slurm_cluster, corpus, tmp_path):
+    from ablate.tracking import read_metrics
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+    args = ("train.max_steps=30", "train.ckpt_every=0", "eval.at_end=false")
+    straight_runs, runs = tmp_path / "straight", tmp_path / "runs"
+    res = run_cli(train_args(corpus, straight_runs, *args, "logger=none"), env=JOB_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (straight_dir,) = [p.parent for p in straight_runs.rglob("metrics.jsonl")]
+
+    # wandb offline: the requeued job must continue the same wandb run.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **slurm_cluster, **JOB_ENV, "WANDB_MODE": "offline"}
+    sweep_args = [a for a in train_args(corpus, runs, *COMMON, *args, multirun=True) if a != "logger=none"]
+    proc = subprocess.Popen([sys.executable, *sweep_args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = runs / "smoke"
+    deadline = time.time() + 200
+    while not [p for p in sweep.glob("*/metrics.jsonl") if losses(p.parent)]:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    (job,) = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()}
+    subprocess.run(["scancel", "--signal=USR2", job], env=env, check=True)
+    out = proc.communicate(timeout=250)[0]
+    assert proc.returncode == 0, out[-3000:]
+
+    (run_dir,) = [p.parent for p in sweep.glob("*/results.json")]
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["status"] == "complete" and result["step"] == 30
+    logs = job_logs(sweep)
+    assert "requeued" in logs and "resumed from step" in logs, logs[-3000:]
+    assert losses(run_dir) == losses(straight_dir)
+    # One wandb run, resumed: a single run id directory under the run's wandb folder.
+    wandb_runs = [p for p in run_dir.rglob("offline-run-*") if p.is_dir()]
+    assert len(wandb_runs) == 2 and len({p.name.split("-")[-1] for p in wandb_runs}) == 1, wandb_runs
