@@ -29,12 +29,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ablate.files import atomic_dir
 
 LLAMA_TYPES = ("llama", "mistral")
 # HF Llama names -> ours (per layer ``i``; the ``model.`` prefix is optional).
@@ -250,17 +250,8 @@ def export_mixtral(state: dict[str, Tensor], decoder: dict, ffn: dict, out_dir: 
     expert_hidden = state["layers.0.ffn.experts.w1"].shape[1]
     vocab = state["tok_embeddings.weight"].shape[0]
     config = mixtral_config(decoder, ffn, expert_hidden, vocab, dtype)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    def write(tmp: Path) -> None:
         save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return atomic_dir(out_dir, write)

@@ -38,15 +38,14 @@ into place. ``ablate.weights.load_init`` is what ``train.init_from`` calls.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ablate.files import atomic_dir
 from ablate.weights import STATE_FILE, save_state_dict
 from models.moe.moe import MoEFFN
 
@@ -279,31 +278,6 @@ def _read_source(source: Path, step: int | None, ignore_rope_scaling: bool) -> d
     return {"state": state, "decoder": decoder, "step": step, "keep": keep, "scope": "model"}
 
 
-def _write_atomically(out: Path, force: bool, write) -> None:
-    """``write(tmp_dir)``, then rename the directory to ``out`` (replacing it if ``force``)."""
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old = None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            if not force:
-                raise UpcycleError(f"{out} exists; pass --force to replace it")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> Path:
     """The CLI's work; raises ``UpcycleError`` / ``ConversionError`` / ``FileNotFoundError``."""
     from omegaconf import OmegaConf
@@ -343,7 +317,9 @@ def run(args: argparse.Namespace) -> Path:
             decoder_state = {k[len(prefix):]: v for k, v in moe.items() if k.startswith(prefix)}
             export_mixtral(decoder_state, src["decoder"], ffn, tmp / "mixtral")
 
-    _write_atomically(out, args.force, write)
+    if out.exists() and not args.force:
+        raise UpcycleError(f"{out} exists; pass --force to replace it")
+    atomic_dir(out, write)
     chosen = [i for i in layers if i >= args.offset and (i - args.offset) % args.every == 0]
     print(f"upcycled layers {chosen} of {len(layers)}: {args.experts} experts of width "
           f"{ffn['expert_hidden']}, top-{args.top_k}" + (f", {args.shared} shared" if args.shared else ""))

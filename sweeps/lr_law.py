@@ -260,34 +260,6 @@ def _json_safe(obj):
     return obj
 
 
-def summary(report: dict) -> str:
-    """What ``fit`` prints."""
-    lines = [f"{'N':>12}  {'best lr':>10}  {'loss':>8}  method       grid (lr: {report['metric']})"]
-    for g in report["sizes"]:
-        grid = ", ".join(f"{lr:.3g}: {'diverged' if loss is None else f'{loss:.4g}'}"
-                         for lr, loss in zip(g["lrs"], g["losses"]))
-        best = "—" if g["best_lr"] is None else f"{g['best_lr']:.4g}"
-        loss = "—" if g["best_loss"] is None else f"{g['best_loss']:.4g}"
-        lines.append(f"{g['n']:>12,}  {best:>10}  {loss:>8}  {g['method']:<12} {grid}")
-        if g["warning"]:
-            lines.append(f"{'':>12}  warning: {g['warning']}")
-    conf = int(round(100 * report["confidence"]))
-    ci = (lambda c: f" ({conf}% CI {c[0]:.4f} .. {c[1]:.4f})" if c else " (no interval: 2 sizes)")
-    lines.append(f"fit: ln(lr) = a ln(N) + b, a = {report['a']:.4f}{ci(report['a_ci'])}, "
-                 f"b = {report['b']:.4f}{ci(report['b_ci'])}")
-    lines.append(f"MM1: a = {MM1_LAW.a}, b = {MM1_LAW.b}")
-    h = report.get("holdout")
-    if h:
-        pi = h["prediction_interval"]
-        lines.append(f"holdout: largest N = {h['n']:,}: predicted lr {h['predicted_lr']:.4g} from the "
-                     f"{len(h['fit_on'])} smaller sizes, measured {h['measured_lr']:.4g} "
-                     f"({h['measured_method']}): ratio predicted/measured = {h['ratio']:.3f}"
-                     + (f"; {conf}% prediction interval {pi[0]:.3g} .. {pi[1]:.3g}" if pi else ""))
-    for s in report["skipped_runs"]:
-        lines.append(f"skipped {s}")
-    return "\n".join(lines)
-
-
 def parse_grid(text: str) -> list[float]:
     """``1e-3,4e-3`` (a list) or ``1e-3:3.2e-2:6`` (6 log-spaced values, ends included)."""
     if ":" in text:
@@ -400,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"ablate-lr: {e}", file=sys.stderr)
         return 1
+    from sweeps.lr_plot import summary
+
     print(summary(_json_safe(report)))
     out = Path(args.out or args.sweep_dir)
     print(f"wrote {out / 'lr_law.json'}" + ("" if args.no_plot else f", {out / 'lr_law.png'}"),
