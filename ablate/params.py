@@ -24,9 +24,9 @@ Components and what each counts:
 - ``embeddings``: token embedding plus output head; a tied matrix counted once.
 - ``total``: the sum of the four, equal to the model's parameter count.
 
-Active parameters per token: a module may define ``active_params() -> int`` (an MoE
-layer, ``models.moe.MoE``: router, shared experts and ``top_k`` of its routed experts)
-and is then trusted for its whole subtree; every other parameter is active, so active
+Active parameters per token (``models.moe.active_params``): a module may define
+``active_params() -> int`` (an MoE layer, ``models.moe.MoE``: router, shared experts
+and ``top_k`` of its routed experts) and is then trusted for its whole subtree; every other parameter is active, so active
 equals total for dense models. Embeddings count fully (the output head is a full
 matmul for every token).
 
@@ -57,6 +57,8 @@ from torch import nn
 from ablate.config import CONF_DIR, register_configs
 from ablate.tracking import register_resolvers
 from ablate.validate import ConfigError, tokenizer_vocab_size, validate
+from models.moe import active_params
+from models.utils import count_params
 
 register_configs()
 register_resolvers()
@@ -87,26 +89,6 @@ def resolve_vocab(cfg: DictConfig) -> tuple[int, str]:
         f"to take it from; set it (e.g. +decoder.vocab_size=32000) or point paths.data at a corpus")
 
 
-def active_params(module: nn.Module, seen: set[int] | None = None) -> int:
-    """Parameters a token uses: ``module.active_params()`` where a module defines it,
-    all of a module's own parameters otherwise. Shared tensors count once."""
-    seen = set() if seen is None else seen
-    own = getattr(module, "active_params", None)
-    if callable(own):
-        seen.update(id(p) for p in module.parameters())
-        return int(own())
-    n = 0
-    for p in module.parameters(recurse=False):
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n + sum(active_params(child, seen) for child in module.children())
-
-
-def _unique_numel(params) -> int:
-    return sum({id(p): p.numel() for p in params}.values())
-
-
 def cross_attention(model: nn.Module) -> dict:
     """Parameters of cross-attention run inside decoder blocks, and the component that
     holds them: modules whose class name ends in ``CrossAttention`` in the decoder, or
@@ -121,20 +103,19 @@ def cross_attention(model: nn.Module) -> dict:
     if not found:
         return {"total": 0, "active": 0, "in": None}
     mods = [m for ms in found.values() for m in ms]
-    total = _unique_numel(p for m in mods for p in m.parameters())
-    seen: set[int] = set()
-    active = sum(active_params(m, seen) for m in mods)
+    total = sum(count_params(m) for m in mods)
+    active = sum(active_params(m) for m in mods)
     return {"total": total, "active": active, "in": ",".join(found)}
 
 
 def count(model: nn.Module) -> dict:
     """Total and active parameters per component of a ``models.vlm.VLM``."""
     dec = model.decoder
-    dec_total = _unique_numel(dec.parameters())
+    dec_total = count_params(dec)
     dec_active = active_params(dec)
     emb = dec_total - dec.num_params(non_embedding=True)
     out = {
-        slot: {"total": _unique_numel(getattr(model, slot).parameters()),
+        slot: {"total": count_params(getattr(model, slot)),
                "active": active_params(getattr(model, slot))}
         for slot in ("encoder", "connector")
     }
@@ -143,7 +124,7 @@ def count(model: nn.Module) -> dict:
         "embeddings": {"total": emb, "active": emb},
     })
     out["total"] = {k: sum(out[c][k] for c in COMPONENTS) for k in ("total", "active")}
-    model_total = _unique_numel(model.parameters())
+    model_total = count_params(model)
     if out["total"]["total"] != model_total:  # a parameter outside the three slots
         raise ParamsError(f"components sum to {out['total']['total']:,} but the model has {model_total:,}")
     out["cross_attention"] = cross_attention(model)

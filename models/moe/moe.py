@@ -112,14 +112,22 @@ class MoE(nn.Module):
 
 
 def active_params(model: nn.Module) -> int:
-    """Parameters used per token: all of ``model``'s (tied ones once) minus, in each MoE
-    layer, the routed experts a token does not visit (``N_active = N_dense + N_router +
-    N_shared + N_experts * k / E``)."""
+    """Parameters used per token: all of ``model``'s (tied ones once) except that a
+    submodule with its own ``active_params()`` (an ``MoE`` layer: ``N_dense + N_router +
+    N_shared + N_experts * k / E``) reports its share itself."""
+    own = getattr(model, "active_params", None)
+    if callable(own):
+        return int(own())
     total = count_params(model)
-    for m in model.modules():
-        if isinstance(m, MoE):
-            total -= count_params(m) - m.active_params()
-    return total
+
+    def idle(module: nn.Module) -> int:
+        n = 0
+        for child in module.children():
+            counted = getattr(child, "active_params", None)
+            n += count_params(child) - int(counted()) if callable(counted) else idle(child)
+        return n
+
+    return total - idle(model)
 
 
 # ------------------------------------------------------------------ conf/ffn factories
