@@ -11,6 +11,11 @@ an ``attn_branches`` method; mPLUG-Owl3's hyper-attention): then each image keep
 ``seq_tokens`` placeholders in the sequence (their text embedding stays), nothing is
 spliced, and the connector's per-block callables see the image tokens.
 
+Incremental decoding passes a ``KVCache`` (``models.decoder.transformer``): the
+prefill call is an ordinary forward (images spliced, or a branched connector's image
+keys kept in the cache's ``extra``); later calls (``cache.length > 0``) take text
+tokens only, since their images were consumed by the prefill.
+
 Shape legend: B batch, T sequence, D model dim, N images, C/H/W image channels and
 size, P patches per image, I image tokens per image, E encoder width.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.decoder.transformer import DecoderOutput
+from models.decoder.transformer import DecoderOutput, KVCache
 
 
 class VLM(nn.Module):
@@ -63,14 +68,20 @@ class VLM(nn.Module):
         positions_BT: Tensor | None = None,
         doc_ids_BT: Tensor | None = None,
         image_tokens_NID: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> DecoderOutput:
         """Logits for ``input_ids_BT`` with the images' tokens in its placeholder slots.
 
         Pass either ``images_NCHW`` or, to reuse an earlier ``encode_images`` result
-        (e.g. at every step of greedy decoding), ``image_tokens_NID``.
+        (e.g. at every step of greedy decoding), ``image_tokens_NID``. With a ``cache``
+        (see the module docstring) the tokens continue the cached ones; positions and
+        document ids then follow ``Transformer.forward``'s cache conventions.
         """
         if images_NCHW is not None and image_tokens_NID is not None:
             raise ValueError("pass images_NCHW or image_tokens_NID, not both")
+        if cache is not None and cache.length > 0:
+            return self._decode_step(input_ids_BT, positions_BT, doc_ids_BT,
+                                     images_NCHW is not None or image_tokens_NID is not None, cache)
         x_BTD = self.decoder.embed(input_ids_BT)
         is_image_BT = input_ids_BT == self.image_token_id
         source = images_NCHW if image_tokens_NID is None else image_tokens_NID
@@ -91,11 +102,34 @@ class VLM(nn.Module):
             if self.branched:
                 B, T = input_ids_BT.shape
                 pos_BT = torch.arange(T, device=x_BTD.device) if positions_BT is None else positions_BT
+                state = None
+                if cache is not None:
+                    state = cache.extra["images"] = {}
                 branches = self.connector.attn_branches(img_NID.to(x_BTD.dtype), is_image_BT,
-                                                        pos_BT.expand(B, T), doc_ids_BT)
+                                                        pos_BT.expand(B, T), doc_ids_BT, state=state)
             else:
                 # masked_scatter fills the True slots in row-major order: image order is kept.
                 x_BTD = x_BTD.masked_scatter(is_image_BT[..., None], img_NID.to(x_BTD.dtype))
+        extra = {} if cache is None else {"cache": cache}
         if branches is None:  # the plain call, so any decoder works
-            return self.decoder(x_BTD, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT)
-        return self.decoder(x_BTD, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT, attn_branches=branches)
+            return self.decoder(x_BTD, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT, **extra)
+        return self.decoder(x_BTD, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT, attn_branches=branches,
+                            **extra)
+
+    def _decode_step(self, input_ids_BT: Tensor, positions_BT: Tensor | None, doc_ids_BT: Tensor | None,
+                     has_images: bool, cache: KVCache) -> DecoderOutput:
+        """Text tokens after a prefilled cache: no splicing; a branched connector's
+        queries attend to the image keys the prefill left in ``cache.extra``."""
+        if has_images or bool((input_ids_BT == self.image_token_id).any()):
+            raise ValueError("images enter in the prefill call only: a call after it (cache.length="
+                             f"{cache.length}) takes neither images nor image placeholders")
+        x_BTD = self.decoder.embed(input_ids_BT)
+        state = cache.extra.get("images")
+        if not self.branched or state is None:
+            return self.decoder(x_BTD, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT, cache=cache)
+        B, T = input_ids_BT.shape
+        if positions_BT is None:
+            positions_BT = torch.arange(cache.length, cache.length + T, device=x_BTD.device)
+        branches = self.connector.step_branches(state, positions_BT.expand(B, T), doc_ids_BT)
+        return self.decoder(x_BTD, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT, attn_branches=branches,
+                            cache=cache)

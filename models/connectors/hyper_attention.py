@@ -24,6 +24,13 @@ Notable choices:
   even mix. A row without any image still runs the branch on a zero key and then
   discards it, so every parameter gets a (zero) gradient on every step, which
   sharded data-parallel wrappers need.
+- Incremental decoding (``models.decoder.transformer.KVCache``): the prefill call
+  passes a ``state`` dict (kept in the cache's ``extra``) to ``attn_branches``, which
+  stores there the per-row image keys, their documents and, per block, the projected
+  and rotated cross-attention keys/values; each decode call gets its branches from
+  ``step_branches(state, ...)``: the new queries see every image of their own
+  document (all placeholders lie in the prompt, before them) and the image keys are
+  not projected again.
 - Which blocks: ``layers`` if given (negative indices count from the end), else
   blocks ``first, first + every, ...``; the defaults (1, every 8th) give blocks 1, 9,
   17 and 25 of a 28-block decoder and block 1 of a tiny one.
@@ -60,15 +67,21 @@ class CrossAttention(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
 
-    def forward(self, ctx: dict, h_BTD: Tensor, attn_BTD: Tensor) -> Tensor:
+    def forward(self, ctx: dict, h_BTD: Tensor, attn_BTD: Tensor, memo: dict | None = None) -> Tensor:
+        """``memo`` (decoding only) keeps this block's image keys/values across calls."""
         B, T, D = h_BTD.shape
         H, E = self.heads, self.head_dim
-        img_BKD = self.kv_norm(ctx["img_BKD"]).to(h_BTD.dtype)  # K = M * P keys per row
         q_BHTE = self.wq(h_BTD).view(B, T, H, E).transpose(1, 2)
-        k_BHKE = self.wk(img_BKD).view(B, -1, H, E).transpose(1, 2)
-        v_BHKE = self.wv(img_BKD).view(B, -1, H, E).transpose(1, 2)
         q_BHTE = apply_rope(q_BHTE, *rope_cos_sin(ctx["positions_BT"], E, self.rope_theta))
-        k_BHKE = apply_rope(k_BHKE, *rope_cos_sin(ctx["key_positions_BK"], E, self.rope_theta))
+        if memo is not None and "k_BHKE" in memo:
+            k_BHKE, v_BHKE = memo["k_BHKE"], memo["v_BHKE"]
+        else:
+            img_BKD = self.kv_norm(ctx["img_BKD"]).to(h_BTD.dtype)  # K = M * P keys per row
+            k_BHKE = self.wk(img_BKD).view(B, -1, H, E).transpose(1, 2)
+            v_BHKE = self.wv(img_BKD).view(B, -1, H, E).transpose(1, 2)
+            k_BHKE = apply_rope(k_BHKE, *rope_cos_sin(ctx["key_positions_BK"], E, self.rope_theta))
+            if memo is not None:
+                memo.update(k_BHKE=k_BHKE, v_BHKE=v_BHKE)
         out_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BHKE, v_BHKE, attn_mask=ctx["mask_B1TK"])
         cross_BTD = self.wo(out_BHTE.transpose(1, 2).reshape(B, T, D))
         g_BTD = torch.sigmoid(self.gate(h_BTD)) * ctx["sees_image_BT1"]
@@ -131,14 +144,51 @@ class HyperAttentionConnector(nn.Module):
         return self.proj(feats_NPE)
 
     def attn_branches(self, img_NPD: Tensor, is_image_BT: Tensor, positions_BT: Tensor,
-                      doc_ids_BT: Tensor | None) -> dict[int, partial]:
+                      doc_ids_BT: Tensor | None, state: dict | None = None) -> dict[int, partial]:
         """Per-block callables for ``Transformer.forward(attn_branches=...)``.
 
         ``is_image_BT`` marks the image placeholders; images are assigned to them in
-        row-major order (image 0 to the first placeholder of the batch, ...).
+        row-major order (image 0 to the first placeholder of the batch, ...). A
+        ``state`` dict (prefill of incremental decoding) is filled for ``step_branches``.
         """
         ctx = image_context(img_NPD, is_image_BT, positions_BT, doc_ids_BT)
-        return {i: partial(self.cross[str(i)], ctx) for i in self.layers}
+        if state is None:
+            return {i: partial(self.cross[str(i)], ctx) for i in self.layers}
+        state.update({key: ctx[key] for key in ("img_BKD", "key_positions_BK", "present_BM", "doc_BM")},
+                     memo={str(i): {} for i in self.layers})
+        return {i: partial(self.cross[str(i)], ctx, memo=state["memo"][str(i)]) for i in self.layers}
+
+    def step_branches(self, state: dict, positions_BT: Tensor, doc_ids_BT: Tensor | None) -> dict[int, partial]:
+        """Branches for decode tokens that follow the prompt ``state`` was filled from."""
+        ctx = {**state, **query_context(state, positions_BT, doc_ids_BT, slots_BM=None)}
+        return {i: partial(self.cross[str(i)], ctx, memo=state["memo"][str(i)]) for i in self.layers}
+
+
+def query_context(keys: dict, positions_BT: Tensor, doc_ids_BT: Tensor | None,
+                  slots_BM: Tensor | None) -> dict:
+    """Query positions and visibility of each row's images: the image's placeholder is
+    in the query's document and, if its sequence slots ``slots_BM`` are given, at or
+    before the query (queries fill slots ``0..T-1``); None: all images precede."""
+    present_BM, doc_BM = keys["present_BM"], keys["doc_BM"]
+    B, M = present_BM.shape
+    T = positions_BT.shape[-1]
+    device = present_BM.device
+    positions_BT = positions_BT.expand(B, T)
+    doc_ids_BT = torch.zeros(B, T, dtype=torch.long, device=device) if doc_ids_BT is None else doc_ids_BT
+    visible_BTM = present_BM[:, None, :] & (doc_BM[:, None, :] == doc_ids_BT[:, :, None])
+    if slots_BM is not None:
+        t_BT = torch.arange(T, device=device).expand(B, T)
+        visible_BTM = visible_BTM & (slots_BM[:, None, :] <= t_BT[:, :, None])
+    sees_image_BT = visible_BTM.any(-1)
+    # A query row with no visible key would make softmax NaN: let it see slot 0 and
+    # discard its result through ``sees_image``.
+    visible_BTM = visible_BTM | ~sees_image_BT[..., None] & (torch.arange(M, device=device) == 0)
+    P = keys["img_BKD"].shape[1] // M
+    return {
+        "positions_BT": positions_BT,
+        "mask_B1TK": visible_BTM.repeat_interleave(P, dim=2)[:, None],
+        "sees_image_BT1": sees_image_BT[..., None].to(keys["img_BKD"].dtype),
+    }
 
 
 def image_context(img_NPD: Tensor, is_image_BT: Tensor, positions_BT: Tensor,
@@ -163,19 +213,10 @@ def image_context(img_NPD: Tensor, is_image_BT: Tensor, positions_BT: Tensor,
     present_BM[row_N, slot_N] = True
     at_BM = torch.zeros(B, M, dtype=torch.long, device=device)  # placeholder index
     at_BM[row_N, slot_N] = col_N
-    pos_BM = positions_BT.gather(1, at_BM)
-    doc_BM = doc_ids_BT.gather(1, at_BM)
-    t_BT = torch.arange(T, device=device).expand(B, T)
-    visible_BTM = (present_BM[:, None, :] & (at_BM[:, None, :] <= t_BT[:, :, None])
-                   & (doc_BM[:, None, :] == doc_ids_BT[:, :, None]))
-    sees_image_BT = visible_BTM.any(-1)
-    # A query row with no visible key would make softmax NaN: let it see slot 0 and
-    # discard its result through ``sees_image``.
-    visible_BTM = visible_BTM | ~sees_image_BT[..., None] & (torch.arange(M, device=device) == 0)
-    return {
+    keys = {
         "img_BKD": img_BMPD.reshape(B, M * P, D),
-        "key_positions_BK": pos_BM.repeat_interleave(P, dim=1),
-        "positions_BT": positions_BT,
-        "mask_B1TK": visible_BTM.repeat_interleave(P, dim=2)[:, None],
-        "sees_image_BT1": sees_image_BT[..., None].to(img_NPD.dtype),
+        "key_positions_BK": positions_BT.gather(1, at_BM).repeat_interleave(P, dim=1),
+        "present_BM": present_BM,
+        "doc_BM": doc_ids_BT.gather(1, at_BM),
     }
+    return {**keys, **query_context(keys, positions_BT, doc_ids_BT, slots_BM=at_BM)}

@@ -23,6 +23,15 @@ Notable choices:
   decoder knows nothing of images: a branch is a callable ``(h_BTD, attn_BTD) ->
   mixed_BTD`` given per layer index at call time; its modules live with whoever
   passes it (the connector), so the decoder's parameters stay those of a text LM.
+- Incremental decoding: ``forward(..., cache=KVCache)`` appends the new tokens' keys
+  and values to per-layer buffers (preallocated ``B,K,capacity,E``, written in place)
+  and attends over everything cached so far; a prefill call feeds the prompt, each
+  decode call only the new tokens. The cache also keeps every slot's document id, so
+  the key mask (same document, not later) is rebuilt from it: left padding given its
+  own document id stays invisible to real tokens, with no separate padding mask.
+  Grouped-query heads are shared through SDPA's ``enable_gqa`` rather than copied:
+  a decode step would otherwise copy the whole cache ``H/K`` times per layer. With
+  ``cache=None`` the code path is exactly the training one.
 
 Shape legend: B batch, T sequence, D model dim, V vocab, H query heads, K key/value
 heads, E head dim, F FFN hidden.
@@ -31,6 +40,7 @@ heads, E head dim, F FFN hidden.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
@@ -53,6 +63,73 @@ class DecoderOutput(NamedTuple):
 def default_ffn_hidden(dim: int) -> int:
     """Llama's SwiGLU size: 8/3 * dim (same FLOPs as a 4x GELU MLP), rounded up to 64."""
     return 64 * math.ceil(8 * dim / 3 / 64)
+
+
+class KVCache:
+    """Keys/values of every layer for incremental decoding (see the module docstring).
+
+    ``k[i]``/``v[i]`` are ``B,K,capacity,E`` buffers of layer ``i``, of which the first
+    ``length`` slots are filled; ``doc_ids_BS`` holds each filled slot's document id.
+    ``extra`` is free room for whoever drives the decoder (a connector's per-row image
+    keys); every tensor in it, nested dicts included, must have the batch dim first, so
+    ``select`` can keep it in step with the rows.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        check_positive(batch=batch, capacity=capacity)
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.doc_ids_BS = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.length = 0
+        self.extra: dict = {}
+
+    @classmethod
+    def for_decoder(cls, decoder: "Transformer", batch: int, capacity: int | None = None,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KVCache":
+        """An empty cache shaped for ``decoder``; ``capacity`` defaults to its max_seq_len."""
+        weight = decoder.tok_embeddings.weight
+        return cls(decoder.n_layers, batch, decoder.n_kv_heads, decoder.head_dim,
+                   capacity or decoder.max_seq_len, device or weight.device, dtype or weight.dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.doc_ids_BS.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.doc_ids_BS.shape[1]
+
+    def write(self, layer: int, k_BKTE: Tensor, v_BKTE: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new tokens' keys/values after the ``length`` filled slots and return
+        views of all filled slots, the new ones included (``B,K,length+T,E``)."""
+        end = self.length + k_BKTE.shape[2]
+        self.k[layer][:, :, self.length:end] = k_BKTE
+        self.v[layer][:, :, self.length:end] = v_BKTE
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select(self, rows: Tensor, start: int = 0) -> None:
+        """Keep only batch ``rows`` (indices, in the given order) and drop the first
+        ``start`` slots (e.g. left padding no remaining row needs); in place."""
+        def crop(buf: Tensor) -> Tensor:
+            out = torch.zeros_like(buf[rows])
+            out[:, :, :self.length - start] = buf[rows][:, :, start:self.length]
+            return out
+
+        self.k = [crop(k) for k in self.k]
+        self.v = [crop(v) for v in self.v]
+        docs_BS = torch.zeros_like(self.doc_ids_BS[rows])
+        docs_BS[:, :self.length - start] = self.doc_ids_BS[rows][:, start:self.length]
+        self.doc_ids_BS = docs_BS
+        self.length -= start
+
+        def pick(tree):
+            if isinstance(tree, dict):
+                return {key: pick(value) for key, value in tree.items()}
+            return tree[rows] if isinstance(tree, Tensor) else tree
+
+        self.extra = pick(self.extra)
 
 
 def doc_causal_mask(doc_ids_BT: Tensor) -> Tensor:
@@ -80,13 +157,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask_B1TT: Tensor | None) -> Tensor:
+    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask_B1TT: Tensor | None,
+                cache_write: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """``cache_write`` (a ``KVCache.write`` bound to this layer) stores the new keys/
+        values and returns all cached ones; ``mask_B1TT`` is then ``B,1,T,S`` over them."""
         B, T, _ = x_BTD.shape
         E = self.head_dim
         q_BHTE = self.wq(x_BTD).view(B, T, self.n_heads, E).transpose(1, 2)
         k_BKTE = self.wk(x_BTD).view(B, T, self.n_kv_heads, E).transpose(1, 2)
         v_BKTE = self.wv(x_BTD).view(B, T, self.n_kv_heads, E).transpose(1, 2)
         q_BHTE, k_BKTE = apply_rope(q_BHTE, *rope), apply_rope(k_BKTE, *rope)
+        if cache_write is not None:
+            k_BKSE, v_BKSE = cache_write(k_BKTE, v_BKTE)
+            out_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, attn_mask=mask_B1TT,
+                                                      enable_gqa=self.n_heads != self.n_kv_heads)
+            return self.wo(out_BHTE.transpose(1, 2).reshape(B, T, self.n_heads * E))
         # Each group of H/K query heads shares one key/value head.
         group = self.n_heads // self.n_kv_heads
         k_BHTE = k_BKTE.repeat_interleave(group, dim=1)
@@ -111,10 +196,11 @@ class Block(nn.Module):
         self.ffn = SwiGLU(dim, ffn_hidden) if ffn is None else ffn
 
     def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask_B1TT: Tensor | None,
-                branch: Callable[[Tensor, Tensor], Tensor] | None = None
+                branch: Callable[[Tensor, Tensor], Tensor] | None = None,
+                cache_write: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
                 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         h_BTD = self.attn_norm(x_BTD)
-        attn_BTD = self.attn(h_BTD, rope, mask_B1TT)
+        attn_BTD = self.attn(h_BTD, rope, mask_B1TT, cache_write)
         if branch is not None:  # runs beside self-attention on the same normed input
             attn_BTD = branch(h_BTD, attn_BTD)
         x_BTD = x_BTD + attn_BTD
@@ -236,32 +322,60 @@ class Transformer(nn.Module):
         positions_BT: Tensor | None = None,
         doc_ids_BT: Tensor | None = None,
         attn_branches: dict[int, Callable[[Tensor, Tensor], Tensor]] | None = None,
+        cache: KVCache | None = None,
     ) -> DecoderOutput:
         """Causal pass over embeddings. ``positions_BT`` (B,T or T; default ``arange(T)``)
         feed RoPE; with ``doc_ids_BT`` a token attends only to earlier tokens of its own
         document (packed rows). ``attn_branches`` maps a layer index to a callable run
-        beside that layer's self-attention (see the module docstring)."""
+        beside that layer's self-attention (see the module docstring).
+
+        With a ``cache`` the ``T`` tokens continue the ``cache.length`` cached ones
+        (default positions ``length + arange(T)``, default document 0), attend to them
+        and to each other causally within their document, and are appended to it."""
         branches = attn_branches or {}
         bad = [i for i in branches if not 0 <= i < self.n_layers]
         if bad:
             raise ValueError(f"attn_branches for layers {bad}, but the decoder has {self.n_layers} layers")
         B, T, _ = x_BTD.shape
-        if T > self.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len}")
+        past = 0 if cache is None else cache.length
+        if past + T > self.max_seq_len:
+            what = f"sequence length {T}" if cache is None else f"{past} cached + {T} new tokens"
+            raise ValueError(f"{what} exceeds max_seq_len={self.max_seq_len}")
         if positions_BT is None:
-            positions_BT = torch.arange(T, device=x_BTD.device)
+            positions_BT = torch.arange(past, past + T, device=x_BTD.device)
         if positions_BT.dim() == 1:
             positions_BT = positions_BT[None]  # broadcasts over the batch
         rope = rope_cos_sin(positions_BT, self.head_dim, self.rope_theta)
-        mask_B1TT = None if doc_ids_BT is None else doc_causal_mask(doc_ids_BT)
+        if cache is None:
+            mask_B1TT = None if doc_ids_BT is None else doc_causal_mask(doc_ids_BT)
+        else:
+            mask_B1TT = self._cache_mask(cache, B, T, doc_ids_BT)
 
         aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
         aux: dict[str, Tensor] = {}
         for i, layer in enumerate(self.layers):
-            x_BTD, layer_loss, layer_aux = layer(x_BTD, rope, mask_B1TT, branches.get(i))
+            write = None if cache is None else partial(cache.write, i)
+            x_BTD, layer_loss, layer_aux = layer(x_BTD, rope, mask_B1TT, branches.get(i), write)
             if layer_loss is not None:
                 aux_loss = aux_loss + layer_loss
             for key, value in layer_aux.items():
                 aux[key] = aux[key] + value if key in aux else value
+        if cache is not None:
+            cache.length = past + T
         logits_BTV = self.output(self.norm(x_BTD))
         return DecoderOutput(logits=logits_BTV, aux_loss=aux_loss, aux=aux)
+
+    @staticmethod
+    def _cache_mask(cache: KVCache, B: int, T: int, doc_ids_BT: Tensor | None) -> Tensor:
+        """Record the new tokens' documents in ``cache``; ``B,1,T,S`` mask over all
+        ``S = length + T`` slots: same document and not after the query."""
+        if B != cache.batch:
+            raise ValueError(f"batch of {B} rows, but the cache holds {cache.batch}")
+        past, end = cache.length, cache.length + T
+        if end > cache.capacity:
+            raise ValueError(f"{past} cached + {T} new tokens exceed the cache capacity {cache.capacity}")
+        cache.doc_ids_BS[:, past:end] = 0 if doc_ids_BT is None else doc_ids_BT
+        docs_BS = cache.doc_ids_BS[:, :end]
+        causal_TS = torch.ones(T, end, dtype=torch.bool, device=docs_BS.device).tril(past)
+        same_doc_BTS = docs_BS[:, past:, None] == docs_BS[:, None, :]
+        return (same_doc_BTS & causal_TS)[:, None]
