@@ -14,7 +14,12 @@ types in the plain sections. This module adds what a schema cannot see:
   paths, mixture weights, image splitting (``data.split``; an image then costs
   ``V`` views x the connector's tokens per view in the sequence), expert parallelism
   (``deepspeed.expert_parallel`` against the ranks, the experts, the MoE backend and the
-  ZeRO stage).
+  ZeRO stage);
+- ``ablate.validate_rules``: keys added with ``+`` outside the schema, counts and
+  intervals (checkpointing, seeds, AdamW, the preemption signal), the ``eval`` section
+  (``ablate.eval.tasks.benchmark_problems``) and its shards, train shards per stream
+  against the readers (ranks x data-loader workers), and ``train.init_from`` read by
+  name and shape only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -35,6 +41,7 @@ from ablate.config import MODEL_SLOTS
 from ablate.data import format as fmt
 from ablate.data.splitting import Split, split_problems
 from ablate.lr import optim_problems
+from ablate.validate_rules import check_counts, check_eval, check_init_from, check_schema_keys, check_shards
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -176,10 +183,12 @@ def check_training(cfg: DictConfig, world_size: int, tokens_per_image: int | Non
     per_step = t.micro_batch_size * world_size
     if t.micro_batch_size < 1:
         problems.append(f"train.micro_batch_size={t.micro_batch_size}: must be >= 1")
-    elif t.global_batch_size % per_step:
+    elif t.global_batch_size < per_step or t.global_batch_size % per_step:
+        why = "smaller than" if t.global_batch_size < per_step else "not divisible by"
         problems.append(
-            f"train.global_batch_size={t.global_batch_size}: not divisible by "
-            f"micro_batch_size x ranks = {t.micro_batch_size} x {world_size} = {per_step}"
+            f"train.global_batch_size={t.global_batch_size}: {why} "
+            f"micro_batch_size x ranks = {t.micro_batch_size} x {world_size} = {per_step} "
+            "(global = micro-batch x accumulation x ranks, accumulation >= 1)"
         )
     if t.max_steps < 1:
         problems.append(f"train.max_steps={t.max_steps}: must be >= 1")
@@ -198,8 +207,8 @@ def check_training(cfg: DictConfig, world_size: int, tokens_per_image: int | Non
     unknown = set(d.weights) - set(fmt.STREAMS)
     if unknown:
         problems.append(f"data.weights: unknown streams {sorted(unknown)} (streams: {list(fmt.STREAMS)})")
-    if any(w < 0 for w in d.weights.values()) or sum(d.weights.values()) <= 0:
-        problems.append(f"data.weights={dict(d.weights)}: must be >= 0 with a positive sum")
+    if not all(math.isfinite(w) and w >= 0 for w in d.weights.values()) or sum(d.weights.values()) <= 0:
+        problems.append(f"data.weights={dict(d.weights)}: must be finite, >= 0, with a positive sum")
     if tokens_per_image is not None and d.seq_len < tokens_per_image + 8:
         problems.append(
             f"data.seq_len={d.seq_len}: too short for one image ({tokens_per_image} tokens) plus text"
@@ -268,7 +277,7 @@ def check_pretrained_path(cfg: DictConfig) -> list[str]:
 
 def validate(cfg: DictConfig, world_size: int = 1, check_paths: bool = True) -> dict:
     """Raise ``ConfigError`` listing every problem; return derived facts otherwise."""
-    problems: list[str] = []
+    problems: list[str] = check_schema_keys(cfg)
     for slot in MODEL_SLOTS:
         problems += check_slot(slot, cfg.get(slot))
     parts = None
@@ -293,9 +302,13 @@ def validate(cfg: DictConfig, world_size: int = 1, check_paths: bool = True) -> 
     problems += check_training(cfg, world_size, tokens_per_image)
     # optim.lr: a number or law[:file]; a law is evaluated at the decoder's non-embedding N.
     problems += optim_problems(cfg.optim, parts[2].num_params(non_embedding=True) if parts else None)
-    problems += check_expert_parallel(cfg, world_size)
+    problems += check_expert_parallel(cfg, world_size) + check_counts(cfg) + check_eval(cfg, check_paths)
     if check_paths:
         problems += check_data(cfg) + check_pretrained_path(cfg)
+        problems += check_shards(cfg, world_size)
+        # The meta model's vocabulary is the real one only with a tokenizer or a configured size.
+        sized = cfg.decoder.get("vocab_size") is not None or tokenizer_vocab_size(cfg) is not None
+        problems += check_init_from(cfg, parts if sized else None)
     configured, tokenizer_vocab = cfg.decoder.get("vocab_size"), tokenizer_vocab_size(cfg)
     if isinstance(configured, int) and tokenizer_vocab and configured < tokenizer_vocab:
         problems.append(f"decoder.vocab_size={configured}: smaller than the tokenizer's "
