@@ -100,10 +100,7 @@ class Tracker:
         # redone; keep the file a single consistent history.
         if not self.path.exists():
             return
-        keep = [
-            line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= resume_step
-        ]
+        keep = [line for line, rec in _records(self.path) if rec.get("step", 0) <= resume_step]
         write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, metrics: dict, step: int) -> None:
@@ -114,6 +111,26 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A wandb table (PIL images become ``wandb.Image``); metrics.jsonl keeps scalars only.
+
+        The images are also logged as a media list ``<key>_images`` captioned with the
+        row's other cells: wandb's offline mode writes a table's images as the word
+        "Image" (a known limitation of offline runs), while a media list keeps its files.
+        """
+        if self.wandb is None or not rows:
+            return
+        import wandb
+        from PIL import Image
+
+        data = [[wandb.Image(c) if isinstance(c, Image.Image) else c for c in row] for row in rows]
+        media = [wandb.Image(c, caption=" | ".join(str(x) for x in row if not isinstance(x, Image.Image)))
+                 for row in rows for c in row if isinstance(c, Image.Image)]
+        record = {key: wandb.Table(columns=columns, data=data)}
+        if media:
+            record[f"{key}_images"] = media
+        self.wandb.log(record, step=step)
 
     def summary(self, metrics: dict) -> None:
         if self.wandb is not None:
@@ -185,8 +202,21 @@ def _plain(v):
         return str(v)
 
 
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every complete line; a line cut short by a killed process (the
+    last one, not valid JSON) is dropped rather than failing the reader or the resume."""
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [rec for _, rec in _records(path)]

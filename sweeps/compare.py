@@ -25,6 +25,7 @@ import csv
 import io
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,9 +36,20 @@ from sweeps.stats import (MISSING, SEED_KEYS, Group, ablation_axes, compare, gro
                           natural, parse_baseline, reference, swept_axes)
 
 # Preferred column order; `step` etc. live at the top level of results.json, not in
-# `metrics`, and are looked up there (see `metric_value`).
+# `metrics`, and are looked up there (see `metric_value`). Evaluation scores come first,
+# each task with its 0/4/8-shot columns side by side (`caption/cider`,
+# `caption/cider_4shot`, ...; ablate/eval/evaluate.py), then benchmarks and averages.
 DEFAULT_METRICS = ("caption/cider", "vqa/accuracy", "text/loss", "text/ppl", "train/loss")
 TOP_LEVEL_KEYS = ("step", "tokens_seen", "wall_time_s")
+# A task's headline score at some shot count (per-question-type breakdowns are not).
+HEADLINE = re.compile(r"^(?P<task>[^/]+)/(?P<metric>cider|accuracy|caption|vqa)(?:_(?P<k>\d+)shot)?$")
+
+
+def _headline_order(key: str) -> tuple:
+    m = HEADLINE.match(key)
+    task = m["task"]
+    rank = {"caption": 0, "vqa": 1}.get(task, 3 if task == "avg" else 2)
+    return rank, task, m["metric"], int(m["k"] or 0)
 
 
 def fixed_overrides(runs: Sequence[Run]) -> dict[str, str]:
@@ -54,8 +66,10 @@ def available_metrics(runs: Sequence[Run]) -> list[str]:
 
 
 def default_columns(runs: Sequence[Run]) -> list[str]:
+    """Every task's headline score at every shot count, then the losses, then ``step``."""
     present = set(available_metrics(runs))
-    return [m for m in DEFAULT_METRICS if m in present] + ["step"]
+    scores = sorted((m for m in present if HEADLINE.match(m)), key=_headline_order)
+    return scores + [m for m in DEFAULT_METRICS if m in present and m not in scores] + ["step"]
 
 
 def fmt(value) -> str:

@@ -11,7 +11,9 @@ whichever axis launches them and train once. Then a report
 - the image-token count matters (64 -> 144);
 - the connector type matters less than both;
 - captions drive zero-shot captioning (caption share 0% -> 100%: 25.8 -> 39.3);
-- interleaved (and text-only) data help text; few-shot is not evaluated here.
+- interleaved (and text-only) data help text;
+- interleaved data help few-shot (8-shot captioning and VQA: captions_only ->
+  interleaved_heavy). Every run is evaluated at 0 and 8 shots (``eval.shots=[0,8]``).
 
 A direction counts as reproduced when the difference has MM1's sign and passes Welch's
 t-test (p < 0.05) over the seeds; same sign without significance is "same direction,
@@ -46,7 +48,8 @@ AXES = [
 ]
 # Per-value extras: the C-Abstractor's published 1024-wide blocks are shrunk for a CPU.
 EXTRA = {("connector", "c_abstractor"): ["connector.hidden_dim=128"]}
-METRICS = ["caption/cider", "vqa/accuracy", "text/loss"]
+SHOTS = "[0,8]"
+METRICS = ["caption/cider", "caption/cider_8shot", "vqa/accuracy", "vqa/accuracy_8shot", "text/loss"]
 LOWER_IS_BETTER = {"text/loss"}
 
 
@@ -60,6 +63,7 @@ def commands(data: str, runs: str) -> list[list[str]]:
             point = {**BASE, key: ",".join(vals)}
             out.append([sys.executable, "-m", "ablate.train", "-m", "experiment=demo", f"name={NAME}",
                         f"paths.data={data}", f"paths.runs={runs}", f"seed={','.join(SEEDS)}",
+                        f"eval.shots={SHOTS}",
                         *[f"{k}={v}" for k, v in point.items()], *extra])
     return out
 
@@ -140,8 +144,10 @@ def report(runs: Sequence[Run]) -> str:
     d, p = _contrast(by_axis["data mix"], "captions_only", "mm1_mix", "text/loss")
     rows.append(("interleaved + text data help text (data captions_only -> mm1_mix; loss, lower is better)",
                  "text/loss", d, p, verdict(d, p, -1)))
-    rows.append(("interleaved data help few-shot", "—", None, None,
-                 "not evaluated (no few-shot evaluation yet)"))
+    for m in ("caption/cider_8shot", "vqa/accuracy_8shot"):
+        d, p = _contrast(by_axis["data mix"], "captions_only", "interleaved_heavy", m)
+        rows.append(("interleaved data help few-shot (data captions_only -> interleaved_heavy)",
+                     m, d, p, verdict(d, p, +1)))
     lines += ["## Findings against MM1", "", "| MM1 finding | metric | difference | Welch p | here |",
               "|---|---|---:|---:|---|"]
     for text, m, d, p, v in rows:

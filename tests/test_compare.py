@@ -355,3 +355,21 @@ def test_workspace_builds_from_the_plan():
     ws = build_workspace(plan, save=False)
     assert ws.name == "ablate sweep demo" and [s.name for s in ws.sections] == ["caption/cider", "training"]
     assert [g.name for g in ws.runset_settings.groupby] == ["override.connector"]
+
+
+def test_shot_columns_side_by_side(tmp_path):
+    """Few-shot scores get a column per shot count, each task's columns together,
+    benchmarks and MM1 averages after the synthetic tasks, losses last."""
+    extra = {"caption/cider_4shot": 0.9, "caption/cider_8shot": 1.0, "vqa/accuracy_8shot": 0.6,
+             "vqa/accuracy_4shot": 0.5, "vqa/accuracy_count_4shot": 0.1, "coco/cider": 0.3,
+             "coco/cider_4shot": 0.35, "avg/caption": 0.4, "avg/caption_4shot": 0.45}
+    for i, conn in enumerate(["mlp", "avgpool"]):
+        ov = [f"connector={conn}", *FIXED]
+        r = results(f"r{i}", ov, 0.5 + i, 0.4, 2.0)
+        r["metrics"].update({k: v + i for k, v in extra.items()})
+        make_run(tmp_path / str(i), ov, r)
+    header = next(line for line in to_markdown(collect_runs(tmp_path)).splitlines() if line.startswith("| connector"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[2:] == ["caption/cider", "caption/cider_4shot", "caption/cider_8shot", "vqa/accuracy",
+                        "vqa/accuracy_4shot", "vqa/accuracy_8shot", "coco/cider", "coco/cider_4shot",
+                        "avg/caption", "avg/caption_4shot", "text/loss", "text/ppl", "train/loss", "step"]

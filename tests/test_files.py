@@ -39,3 +39,18 @@ def test_atomic_dir_replaces_whole_and_survives_a_failed_writer(tmp_path):
         atomic_dir(out, write("v3"), replace=False)
     assert (out / "a.txt").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp or old dirs left
+
+
+def test_metrics_reader_and_resume_trim_survive_a_cut_line(tmp_path):
+    """A process killed mid-write leaves half a line in metrics.jsonl: readers skip it and
+    a resumed run's trim drops it, keeping one consistent history."""
+    from omegaconf import OmegaConf
+
+    from ablate.tracking import Tracker, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.5}\n{"step": 3, "tra')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    cfg = OmegaConf.create({"logger": {"backend": "none"}})
+    Tracker(cfg, tmp_path, [], "g", enabled=True, resume_step=1)
+    assert path.read_text() == '{"step": 1, "train/loss": 2.0}\n'

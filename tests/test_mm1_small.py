@@ -15,6 +15,7 @@ def test_commands_cover_each_axis_from_one_baseline():
     assert len(cmds) == 5  # c_abstractor runs apart (it needs connector.hidden_dim)
     for c in cmds:
         assert f"name={NAME}" in c and f"seed={','.join(SEEDS)}" in c and "experiment=demo" in c
+        assert "eval.shots=[0,8]" in c  # few-shot findings need 8-shot scores
         # Every command names every axis, so the baseline's run directory is shared.
         assert {a.split("=")[0] for a in c if "=" in a} >= set(BASE)
     assert n_runs() == 27
@@ -36,9 +37,12 @@ def fake_runs(root, effect):
                 (d / ".hydra").mkdir(parents=True)
                 (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(ov))
                 cider, vqa, loss = effect(point, s)
+                # 8 shots: interleaved-heavy data gain, captions-only lose (MM1's direction).
+                shot = {"captions_only": -0.05, "mm1_mix": 0.0, "interleaved_heavy": 0.05}[point["data"]]
                 (d / "results.json").write_text(json.dumps({
                     "status": "complete", "run_name": d.name, "step": 300, "overrides": ov,
-                    "metrics": {"caption/cider": cider, "vqa/accuracy": vqa, "text/loss": loss}}))
+                    "metrics": {"caption/cider": cider, "vqa/accuracy": vqa, "text/loss": loss,
+                                "caption/cider_8shot": cider + shot, "vqa/accuracy_8shot": vqa + shot}}))
 
 
 def test_report_reads_directions(tmp_path, capsys):
@@ -70,7 +74,10 @@ def test_report_reads_directions(tmp_path, capsys):
     key = "interleaved + text data help text (data captions_only -> mm1_mix; loss, lower is better)/text/loss"
     assert rows[key] == "reproduced"
     assert "| 64 (baseline) | 0.65 ± 0.01 (3) |" in md  # baseline row: mean ± std (n)
-    assert "not evaluated (no few-shot evaluation yet)" in md
+    few = "interleaved data help few-shot (data captions_only -> interleaved_heavy)"
+    # Captions: +0.05 at 8 shots but -0.3 at 0 shots from the caption share: net loss.
+    assert rows[f"{few}/caption/cider_8shot"] == "opposite direction, beyond seed noise"
+    assert rows[f"{few}/vqa/accuracy_8shot"] == "reproduced"
 
 
 def test_report_without_runs_says_not_measured(tmp_path):

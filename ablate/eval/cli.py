@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         **previous, "schema_version": SCHEMA_VERSION, "status": "complete", "step": step,
         "metrics": {**previous.get("metrics", {}), **ev["metrics"]},
-        "baselines": ev["baselines"], "counts": ev["counts"],
+        "baselines": ev["baselines"], "counts": ev["counts"], "eval": ev["eval"],
         "eval_wall_time_s": time.time() - started,
     }
     results.setdefault("run_name", f"{cfg.name}/{args.run_dir.name}")

@@ -1,71 +1,71 @@
-"""Evaluation of a trained VLM on the corpus's held-out sets.
+"""Evaluation of a trained VLM: MM1's protocol at the scale of the run.
 
 - text: mean next-token loss (and perplexity) over held-out text documents;
-- caption: 0-shot CIDEr of greedy captions against the reference paraphrases;
-- vqa: 0-shot accuracy of greedy answers after VQA answer normalisation.
+- every task of ``ablate.eval.tasks`` (the synthetic caption/VQA sets, converted
+  benchmarks) at every shot count of ``eval.shots`` (MM1: 0, 4 and 8): greedy
+  captions scored by CIDEr-D, greedy answers by VQA accuracy (soft ``min(#matches/3,
+  1)`` over annotators, exact match for a single reference); few-shot prompts from
+  ``ablate.eval.fewshot``;
+- MM1-style averages over the caption tasks and over the VQA tasks, per shot count,
+  where a kind has two tasks or more;
+- trivial baselines of the synthetic tasks (most frequent training caption, majority
+  training answer) scored with the same metrics, so learning can be told from guessing.
 
-Prompts are built from ``ablate.data.format``, the same strings the training
-documents use. Trivial baselines (the most frequent training caption for every
-image, the majority training answer for every question) are scored with the same
-metrics so a reader can tell learning from guessing.
+Metric names (``results.json`` ``metrics``, wandb): ``<task>/<metric>`` at 0 shots and
+``<task>/<metric>_<k>shot`` otherwise (``caption/cider``, ``vqa/accuracy_4shot``,
+``coco/cider_8shot``, ``avg/vqa_4shot``); the structured ``eval`` block beside them is
+documented in docs/evaluation.md.
 
-Generation is batched greedy decoding over left-padded prompts. Image tokens are
-computed once per batch and spliced in at every step; the decoder recomputes the
-whole sequence per new token (no KV cache), which is cheap at these lengths.
+Distributed: queries are dealt to ranks round-robin, each rank generates its share and
+the predictions are gathered, so every rank computes the same metrics. Generation is
+batched greedy decoding with a KV cache (``ablate.eval.generate``) whose result does not
+depend on the batch a prompt is in, so neither does a metric depend on the batch size
+or the number of ranks.
 
 Images are preprocessed exactly as in training (``pipeline.preprocess_views``), image
-splitting included: with ``data.split`` each image becomes ``V`` views, encoded as
-consecutive images, and its prompt holds ``V x`` (tokens per view) placeholders.
+splitting included, and encoded once per task (a bounded cache keyed by sample id), so
+a support image shared by many prompts costs one encoder pass.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
+from collections import OrderedDict
 
 import torch
 from omegaconf import DictConfig
 
-from ablate.data import format as fmt
-from ablate.eval.metrics import cider, mean_vqa_accuracy, normalize_answer
+from ablate.eval.fewshot import build_prompt, draw_support
+from ablate.eval.generate import generate
+from ablate.eval.metrics import cider, mean_vqa_accuracy
+from ablate.eval.tasks import EvalTask, load_tasks
 
 IGNORE = -100
+EVAL_SCHEMA_VERSION = 2
 
 
-@torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], image_tokens_NID: torch.Tensor,
-             max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
-    """Greedy continuations of ``prompts`` (each holding its image placeholders)."""
-    device = image_tokens_NID.device
-    B, Lp = len(prompts), max(len(p) for p in prompts)
-    ids_BT = torch.full((B, Lp), tok.pad_id, dtype=torch.long, device=device)
-    real_BT = torch.zeros((B, Lp), dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        ids_BT[i, Lp - len(p):] = torch.tensor(p, device=device)
-        real_BT[i, Lp - len(p):] = True
-    done_B = torch.zeros(B, dtype=torch.bool, device=device)
-    stop = torch.tensor(sorted(stop_ids), device=device)
-    out: list[list[int]] = [[] for _ in range(B)]
-    for _ in range(max_new_tokens):
-        positions_BT = (real_BT.long().cumsum(1) - 1).clamp(min=0)
-        # Left padding is its own document: real tokens never attend to it.
-        doc_ids_BT = real_BT.long()
-        logits = model(ids_BT, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT,
-                       image_tokens_NID=image_tokens_NID).logits[:, -1]
-        next_B = logits.argmax(-1)
-        for i in torch.nonzero(~done_B).flatten().tolist():
-            out[i].append(int(next_B[i]))
-        done_B |= torch.isin(next_B, stop)
-        if bool(done_B.all()):
-            break
-        ids_BT = torch.cat([ids_BT, next_B[:, None]], 1)
-        real_BT = torch.cat([real_BT, torch.ones_like(done_B)[:, None]], 1)
-    return out
+def metric_key(task: str, metric: str, shots: int) -> str:
+    return f"{task}/{metric}" if shots == 0 else f"{task}/{metric}_{shots}shot"
 
 
-def _image_prompt(tok, tokens_per_image: int, text: str = "") -> list[int]:
-    return [tok.bos_id] + [tok.image_id] * tokens_per_image + (tok.encode(text) if text else [])
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(part: dict) -> dict:
+    """Union of every rank's dict (identity in one process)."""
+    import torch.distributed as dist
+
+    rank, world = _rank_world()
+    if world == 1:
+        return part
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
 
 
 def _batches(items: list, size: int):
@@ -73,23 +73,50 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def _encode_images(model, samples: list[dict], split, device, dtype) -> torch.Tensor:
-    """Image tokens of every view of every sample, in order: N*V,I,D."""
-    from ablate.data.pipeline import preprocess_views
+class ImageCache:
+    """Encoded image tokens (``V*I, D`` per sample: all its views) by sample id, at most
+    ``limit`` samples kept (least recently used dropped)."""
 
-    pixels = torch.cat([preprocess_views(s["image"], model.image_size, split) for s in samples])
-    return model.encode_images(pixels.to(device=device, dtype=dtype))
+    def __init__(self, model, split, device, dtype, limit: int = 4096):
+        self.model, self.split, self.device, self.dtype, self.limit = model, split, device, dtype, limit
+        self.store: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def tokens(self, samples: list[dict]) -> torch.Tensor:
+        """Image tokens of ``samples`` in order, views consecutive: ``N*V, I, D``."""
+        from ablate.data.pipeline import preprocess_views
+
+        todo = list({s["id"]: s for s in samples if s["id"] not in self.store}.values())
+        if todo:
+            pixels = torch.cat([preprocess_views(s["image"], self.model.image_size, self.split) for s in todo])
+            enc = self.model.encode_images(pixels.to(device=self.device, dtype=self.dtype))
+            V = self.split.num_views
+            for i, s in enumerate(todo):
+                self.store[s["id"]] = enc[i * V:(i + 1) * V]
+        out = []
+        for s in samples:
+            self.store.move_to_end(s["id"])
+            out.append(self.store[s["id"]])
+        while len(self.store) > max(self.limit, len(samples)):
+            self.store.popitem(last=False)
+        return torch.cat(out)
 
 
 def _strip_stop(ids: list[int], tok) -> list[int]:
-    return [i for i in ids if i not in (tok.eos_id, tok.pad_id)]
+    return [i for i in ids if i not in (tok.eos_id, tok.pad_id, tok.image_id)]
+
+
+def _answer(text: str) -> str:
+    return text.strip().split(".")[0].strip()
 
 
 @torch.no_grad()
 def text_loss(model, tok, docs: list[str], batch_size: int, device) -> tuple[float, int]:
-    """Token-weighted mean next-token loss over held-out documents."""
+    """Token-weighted mean next-token loss over held-out documents (summed over ranks)."""
+    from ablate import dist
+
+    rank, world = _rank_world()
     total, count = 0.0, 0
-    for chunk in _batches(docs, batch_size):
+    for chunk in _batches(docs[rank::world], batch_size):
         seqs = [[tok.bos_id] + tok.encode(d)[: model.decoder.max_seq_len - 2] + [tok.eos_id] for d in chunk]
         L = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), L), tok.pad_id, dtype=torch.long)
@@ -101,75 +128,151 @@ def text_loss(model, tok, docs: list[str], batch_size: int, device) -> tuple[flo
         total += float(torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE, reduction="sum"))
         count += int((labels != IGNORE).sum())
-    return total / max(count, 1), count
+    total, count = dist.reduce_over_ranks([total, count], mean=[False, False])
+    return total / max(count, 1), int(count)
 
 
-def _answer(text: str) -> str:
-    return text.strip().split(".")[0].strip()
+def _stop_ids(tok, kind: str) -> set[int]:
+    # The image placeholder stops a caption too: a few-shot model may go on to "the next
+    # example"; a period ends a VQA answer (as in the training Q/A lines).
+    stop = {tok.eos_id, tok.image_id}
+    period = tok.encode(".")
+    if kind == "vqa" and len(period) == 1:
+        stop.add(period[-1])
+    return stop
+
+
+def predict(model, tok, task: EvalTask, shots: int, e: DictConfig, cache: ImageCache,
+            seed: int, bar=None) -> tuple[dict[str, str], int]:
+    """This rank's predictions (query id -> text) at ``shots`` examples, and how many
+    examples were dropped to fit the decoder's context."""
+    rank, world = _rank_world()
+    T = cache.split.num_views * model.tokens_per_image
+    max_new = e.max_new_tokens if task.kind == "caption" else e.max_answer_tokens
+    budget = model.decoder.max_seq_len - max_new
+    preds, dropped = {}, 0
+    for chunk in _batches(task.queries[rank::world], e.batch_size):
+        prompts, images = [], []
+        for q in chunk:
+            support = draw_support(task.support, q, shots, seed, task.name)
+            ids, kept = build_prompt(tok, task.kind, q, support, T, budget, seed)
+            dropped += len(support) - len(kept)
+            prompts.append(ids)
+            images += kept + [q]
+        gen = generate(model, tok, prompts, cache.tokens(images), max_new, _stop_ids(tok, task.kind),
+                       use_cache=bool(e.get("kv_cache", True)))
+        for q, g in zip(chunk, gen):
+            text = tok.decode(_strip_stop(g, tok)).strip()
+            preds[q["id"]] = text if task.kind == "caption" else _answer(text)
+        if bar is not None:
+            bar.update(len(chunk) * world)
+    return preds, dropped
+
+
+def score(task: EvalTask, preds: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """(task score, per-id score) of predictions for every query."""
+    if task.kind == "caption":
+        return cider({q["id"]: list(q["captions"]) for q in task.queries}, preds)
+    return mean_vqa_accuracy(preds, {q["id"]: list(q["answers"]) for q in task.queries})
 
 
 @torch.no_grad()
 def evaluate(model, tok, cfg: DictConfig, device, dtype=torch.float32, progress: bool = False) -> dict:
+    """Every task at every shot count, the text loss, averages and baselines.
+
+    Returns ``{"metrics", "baselines", "counts", "eval", "samples"}``; ``samples`` hold the
+    first ``eval.log_samples`` queries of each task with their predictions per shot count
+    and their PIL images (``"image"``: drop it before writing JSON).
+    """
     from ablate.data.pipeline import build_eval_samples
     from ablate.data.splitting import Split
     from tqdm import tqdm
 
-    root, e = Path(cfg.paths.data), cfg.eval
-    stats = json.loads((root / fmt.STATS_FILE).read_text())
+    e = cfg.eval
+    seed = int(e.get("seed", 0))
+    shots_list = [int(k) for k in e.get("shots", [0])]
     was_training = model.training
     model.eval()
-    # The run's split (a run config from before splitting existed has none: no split).
     split = Split.from_config(cfg.data.get("split"))
-    T = split.num_views * model.tokens_per_image  # placeholders per image in a prompt
     metrics, baselines, counts, samples = {}, {}, {}, {}
+    block = {"schema_version": EVAL_SCHEMA_VERSION, "seed": seed, "shots": shots_list, "tasks": {},
+             "averages": {}}
 
     if e.max_text:
-        docs = [s["text"] for s in build_eval_samples(root, "text", e.max_text)]
+        docs = [s["text"] for s in build_eval_samples(cfg.paths.data, "text", e.max_text)]
         loss, n = text_loss(model, tok, docs, e.batch_size, device)
         metrics["text/loss"], metrics["text/ppl"] = loss, math.exp(min(loss, 50))
         counts["text"], counts["text_tokens"] = len(docs), n
+        block["text"] = {"loss": loss, "ppl": metrics["text/ppl"], "docs": len(docs), "tokens": n}
 
-    if e.max_caption:
-        data = build_eval_samples(root, "caption", e.max_caption)
-        preds = {}
-        for chunk in tqdm(list(_batches(data, e.batch_size)), desc="eval caption", disable=not progress):
-            img = _encode_images(model, chunk, split, device, dtype)
-            prompt = _image_prompt(tok, T, fmt.CAPTION_PROMPT)
-            gen = generate(model, tok, [prompt] * len(chunk), img, e.max_new_tokens, {tok.eos_id})
-            for s, g in zip(chunk, gen):
-                preds[s["id"]] = tok.decode(_strip_stop(g, tok)).strip()
-        refs = {s["id"]: list(s["captions"]) for s in data}
-        metrics["caption/cider"], _ = cider(refs, preds)
-        baselines["caption/cider"], _ = cider(refs, {k: stats["most_frequent_caption"] for k in refs})
-        counts["caption"] = len(data)
-        samples["caption"] = [{"id": s["id"], "prediction": preds[s["id"]], "references": refs[s["id"]]}
-                              for s in data[:16]]
+    tasks = load_tasks(cfg)
+    total = sum(len(t.queries) for t in tasks) * len(shots_list)
+    bar = tqdm(total=total, desc="eval", unit="query", disable=not progress, dynamic_ncols=True)
+    for task in tasks:
+        cache = ImageCache(model, split, device, dtype)
+        entry = {"kind": task.kind, "metric": task.metric, "source": task.source,
+                 "queries": len(task.queries), "support": len(task.support), "scores": {},
+                 "examples_dropped": {}}
+        counts[task.name] = len(task.queries)
+        per_shot = {}
+        for k in shots_list:
+            bar.set_postfix_str(f"{task.name} {k}-shot")
+            part, dropped = predict(model, tok, task, k, e, cache, seed, bar)
+            preds = _gather(part)
+            value, per_id = score(task, preds)
+            key = metric_key(task.name, task.metric, k)
+            metrics[key] = value
+            entry["scores"][str(k)] = value
+            entry["examples_dropped"][str(k)] = int(sum(_gather_count(dropped)))
+            per_shot[k] = preds
+            if task.kind == "vqa" and any(q.get("qtype") for q in task.queries):
+                for qtype in sorted({q["qtype"] for q in task.queries if q.get("qtype")}):
+                    ids = [q["id"] for q in task.queries if q.get("qtype") == qtype]
+                    metrics[metric_key(task.name, f"{task.metric}_{qtype}", k)] = \
+                        sum(per_id[i] for i in ids) / len(ids)
+        for key, trivial in task.baselines.items():
+            baselines[key], _ = score(task, trivial)
+        block["tasks"][task.name] = entry
+        samples[task.name] = [
+            {"id": q["id"], "image": q["image"],
+             **({"references": list(q["captions"])} if task.kind == "caption"
+                else {"question": q["question"], "answers": list(q["answers"])}),
+             "predictions": {str(k): per_shot[k][q["id"]] for k in shots_list}}
+            for q in task.queries[: e.get("log_samples", 16)]]
+    bar.close()
 
-    if e.max_vqa:
-        data = build_eval_samples(root, "vqa", e.max_vqa)
-        period = tok.encode(".")
-        stop = {tok.eos_id} | ({period[-1]} if len(period) == 1 else set())
-        preds = {}
-        for chunk in tqdm(list(_batches(data, e.batch_size)), desc="eval vqa", disable=not progress):
-            img = _encode_images(model, chunk, split, device, dtype)
-            prompts = [_image_prompt(tok, T, fmt.VQA_PROMPT.format(question=s["question"])) for s in chunk]
-            gen = generate(model, tok, prompts, img, e.max_answer_tokens, stop)
-            for s, g in zip(chunk, gen):
-                preds[s["id"]] = _answer(tok.decode(_strip_stop(g, tok)))
-        answers = {s["id"]: list(s["answers"]) for s in data}
-        metrics["vqa/accuracy"], per_id = mean_vqa_accuracy(preds, answers)
-        baselines["vqa/accuracy"], _ = mean_vqa_accuracy(
-            {k: stats["majority_answer"] for k in answers}, answers)
-        by_type = stats.get("majority_answer_by_qtype", {})
-        if by_type:
-            baselines["vqa/accuracy_by_qtype_majority"], _ = mean_vqa_accuracy(
-                {s["id"]: by_type.get(s["qtype"], stats["majority_answer"]) for s in data}, answers)
-        for qtype in sorted({s["qtype"] for s in data}):
-            ids = [s["id"] for s in data if s["qtype"] == qtype]
-            metrics[f"vqa/accuracy_{qtype}"] = sum(per_id[i] for i in ids) / len(ids)
-        counts["vqa"] = len(data)
-        samples["vqa"] = [{"id": s["id"], "question": s["question"], "prediction": preds[s["id"]],
-                           "answers": answers[s["id"]], "correct": normalize_answer(preds[s["id"]])
-                           in {normalize_answer(a) for a in answers[s["id"]]}} for s in data[:16]]
+    for kind in ("caption", "vqa"):
+        names = [t.name for t in tasks if t.kind == kind]
+        if len(names) < 2:
+            continue
+        block["averages"][kind] = {}
+        for k in shots_list:
+            value = sum(block["tasks"][n]["scores"][str(k)] for n in names) / len(names)
+            metrics[metric_key("avg", kind, k)] = value
+            block["averages"][kind][str(k)] = value
     model.train(was_training)
-    return {"metrics": metrics, "baselines": baselines, "counts": counts, "samples": samples}
+    return {"metrics": metrics, "baselines": baselines, "counts": counts, "eval": block, "samples": samples}
+
+
+def _gather_count(n: int) -> list[int]:
+    """Every rank's count."""
+    rank, world = _rank_world()
+    return [int(v) for v in _gather({str(rank): n}).values()] if world > 1 else [n]
+
+
+def samples_json(samples: dict) -> dict:
+    """``evaluate``'s samples without their images, for samples.json."""
+    return {task: [{k: v for k, v in s.items() if k != "image"} for s in rows] for task, rows in samples.items()}
+
+
+def sample_table(samples: dict) -> tuple[list[str], list[list]]:
+    """Columns and rows of the sample-predictions table: one row per task, query and shot
+    count, with the query image."""
+    columns = ["task", "id", "image", "shots", "question", "prediction", "references"]
+    rows = []
+    for task, items in samples.items():
+        for s in items:
+            refs = s.get("references") or s.get("answers") or []
+            for k, pred in s["predictions"].items():
+                rows.append([task, s["id"], s["image"], int(k), s.get("question", ""), pred, " | ".join(refs)])
+    return columns, rows
