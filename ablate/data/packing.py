@@ -23,7 +23,8 @@ Choices:
 - Statistics are attributed to the batch in which the (next) placed document lands,
   which keeps them deterministic under resume: ``truncated`` counts kept documents
   that were cut, ``skipped`` counts malformed samples and truncated documents left
-  without a target (those are not also counted as truncated). ``stream_tokens`` and
+  without a target (those are not also counted as truncated; ``untargeted`` counts
+  the latter alone, for ``faults.py``). ``stream_tokens`` and
   ``stream_docs`` count the label tokens and the documents each stream placed in the
   batch: the realised data mix, in the two units a reader may want (the mixture
   weights are probabilities per document; token shares also reflect document lengths).
@@ -128,10 +129,15 @@ class PackedBatch:
     doc_ids: list[list[int]] = field(default_factory=list)
     images: list[bytes] = field(default_factory=list)
     """Row-major, in order of appearance."""
+    image_streams: list[int] = field(default_factory=list)
+    """The stream of the document each image belongs to, same order."""
     stream_tokens: list[int] = field(default_factory=lambda: [0] * len(fmt.STREAMS))
     stream_docs: list[int] = field(default_factory=lambda: [0] * len(fmt.STREAMS))
     truncated: int = 0
     skipped: int = 0
+    untargeted: int = 0
+    """Truncated documents dropped for want of a target while this batch was built
+    (also in ``skipped``; ``faults.py`` reports them as ``no_labels``)."""
 
     def to_tensors(self, decode_images) -> dict:
         """Tensor micro-batch; ``decode_images(list[bytes]) -> Tensor N*V,3,H,W`` (V views per image)."""
@@ -156,6 +162,7 @@ class _Row:
         self.positions: list[int] = []
         self.doc_ids: list[int] = []
         self.images: list[bytes] = []
+        self.image_streams: list[int] = []
         self.ndocs = 0
 
 
@@ -191,6 +198,7 @@ def pack_batches(
         batch.positions.append(row.positions + list(range(npad)))
         batch.doc_ids.append(row.doc_ids + [row.ndocs] * npad)
         batch.images.extend(row.images)
+        batch.image_streams.extend(row.image_streams)
         row = _Row()
 
     for doc in documents:
@@ -200,9 +208,10 @@ def pack_batches(
             targets = sum(1 for t in labels if t != IGNORE)
         if doc is None or (drop_untargeted and doc.truncated and targets == 0):
             pending_skipped += 1
+            batch.untargeted += doc is not None
             if pending_skipped >= max_consecutive_skips:
-                raise RuntimeError(f"{pending_skipped} documents in a row were skipped (malformed, "
-                                   f"or truncated to seq_len={seq_len} without a text target)")
+                raise RuntimeError(f"{pending_skipped} documents in a row were skipped (bad samples, see "
+                                   f"faults.py, or truncated to seq_len={seq_len} without a text target)")
             continue
         if len(row.ids) + len(doc.ids) > seq_len:
             close_row()
@@ -214,6 +223,7 @@ def pack_batches(
         row.positions.extend(range(len(doc.ids)))
         row.doc_ids.extend([row.ndocs] * len(doc.ids))
         row.images.extend(doc.images)
+        row.image_streams.extend([doc.stream] * len(doc.images))
         row.ndocs += 1
         batch.stream_tokens[doc.stream] += targets
         batch.stream_docs[doc.stream] += 1

@@ -18,8 +18,9 @@ Choices:
   seeded by ``(seed, rank, v)`` that produces exactly the batches ``i = v (mod W)``.
   Resuming at batch ``n``, real worker ``j`` plays ``v = (j + n) % W`` and first
   fast-forwards over the batches ``i < n`` that ``v`` had produced. Fast-forwarding
-  tokenises and packs but never decodes an image, which is where the time goes
-  (about 2 s to resume at batch 1000 with 2 workers on a laptop). Resume needs the
+  tokenises, packs and checks image headers and checksums (``faults.py``, about a
+  third of its time) but never decodes an image, which is where the time goes (about
+  2 s to resume at batch 1000 with 2 workers on a laptop). Resume needs the
   same corpus, ``seed``, ``rank``, ``num_workers`` and packing/shuffle settings.
 - Images stay PNG bytes until a batch is emitted, for the same reason.
 - With image splitting (``data.split``, ``splitting.py``) every image is decoded into
@@ -29,6 +30,9 @@ Choices:
 - The realised mix is counted in two units: documents per stream (what the weights
   are probabilities of) and label tokens per stream (what the loss is made of; this
   also reflects each stream's document length). ``MixMeter`` sums both over ranks.
+- Bad data (damaged shards, undecodable images, empty texts, documents with nothing to
+  learn) is skipped, too-long documents are truncated, and both are counted per batch
+  in ``batch["faults"]`` (``faults.py``, which holds that logic).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import format as fmt
+from .faults import (DataFaults, decode_each, document_fault, mask_failed_images, resampled_samples,
+                     sample_where)
 from .packing import make_document, pack_batches
 from .splitting import Split, resize_rgb
 
@@ -76,31 +82,17 @@ def preprocess_views(img: Image.Image, image_size: int, split: Split | None = No
     return _normalise(torch.from_numpy((split or Split()).views(img, image_size)))
 
 
-def _decode_images(images: list[bytes], image_size: int, split: Split) -> torch.Tensor:
+def _decode_images(images: list[bytes], image_size: int, split: Split,
+                   failed: list[int] | None = None) -> torch.Tensor:
+    """Views of each image; one that fails to decode gives zeros and its index in ``failed``."""
     if not images:
         return torch.zeros(0, 3, image_size, image_size)
+    blank = np.zeros((split.num_views, image_size, image_size, 3), np.uint8)
+    views, bad = decode_each(images, lambda b: split.views(Image.open(io.BytesIO(b)), image_size), blank)
+    if failed is not None:
+        failed.extend(bad)
     # One float conversion for the whole batch: the same numbers as preprocess_views.
-    x_NVHWC = np.concatenate([split.views(Image.open(io.BytesIO(b)), image_size) for b in images])
-    return _normalise(torch.from_numpy(x_NVHWC))
-
-
-def _resampled_samples(shards: list[str], rng: random.Random, name: str) -> Iterator[dict]:
-    """Endless raw samples from shards drawn with replacement.
-
-    One ``tarfile_to_samples`` per drawn shard (rather than one over an endless URL
-    iterator) lets us notice a stream whose shards yield nothing and fail loudly
-    instead of spinning forever on warnings.
-    """
-    read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
-    barren = 0
-    while True:
-        got = False
-        for sample in read([{"url": rng.choice(shards)}]):
-            got = True
-            yield sample
-        barren = 0 if got else barren + 1
-        if barren > 4 * len(shards) + 16:
-            raise RuntimeError(f"stream {name!r}: {barren} shard draws in a row gave no samples")
+    return _normalise(torch.from_numpy(np.concatenate(views)))
 
 
 class _MixtureDataset(IterableDataset):
@@ -128,39 +120,61 @@ class _MixtureDataset(IterableDataset):
         # Python runs (unlike hash()), and distinct for every (seed, rank, v, what).
         return f"ablate/{self.seed}/{self.rank}/{v}/{what}"
 
-    def _stream(self, v: int, index: int) -> Iterator[dict]:
+    def _stream(self, v: int, index: int, faults: DataFaults) -> Iterator[dict]:
         name = fmt.STREAMS[index]
-        samples = _resampled_samples(self.shards[index], random.Random(self._key(v, name + "/shards")), name)
+        samples = resampled_samples(self.shards[index], random.Random(self._key(v, name + "/shards")), name,
+                                    faults)
         if self.shuffle_buffer > 1:
             shuffle = wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
                                           rng=random.Random(self._key(v, name + "/shuffle")))
             samples = iter(shuffle(samples))
         return samples
 
-    def _documents(self, v: int):
+    def _documents(self, v: int, faults: DataFaults):
+        """Documents, ``None`` for each skipped sample (``pack_batches`` counts and bounds those)."""
         order = sorted(self.probs)
         weights = [self.probs[i] for i in order]
-        streams = {i: self._stream(v, i) for i in order}
+        streams = {i: self._stream(v, i, faults) for i in order}
         mix = random.Random(self._key(v, "mix"))
+        tok = self.tokenizer
         while True:
             index = mix.choices(order, weights)[0]
-            yield make_document(next(streams[index]), index, self.tokenizer, self.tokens_per_image)
+            sample = next(streams[index])
+            doc = make_document(sample, index, tok, self.tokens_per_image)
+            fault = document_fault(sample, doc, fmt.STREAMS[index], (tok.image_id, tok.pad_id))
+            if fault is not None:
+                faults.note(fault, where=sample_where(sample, fmt.STREAMS[index]))
+                doc = None
+            yield doc
 
-    def _batches(self, v: int):
+    def _batches(self, v: int, faults: DataFaults):
         tok = self.tokenizer
-        return pack_batches(self._documents(v), seq_len=self.seq_len, batch_size=self.micro_batch_size,
-                            tokens_per_image=self.tokens_per_image, pad_id=tok.pad_id, image_id=tok.image_id)
+        for packed in pack_batches(self._documents(v, faults), seq_len=self.seq_len,
+                                   batch_size=self.micro_batch_size, tokens_per_image=self.tokens_per_image,
+                                   pad_id=tok.pad_id, image_id=tok.image_id):
+            faults.note("no_labels", packed.untargeted, where=f"documents truncated to seq_len={self.seq_len}",
+                        detail="no target left")
+            faults.note("truncated", packed.truncated, where=f"documents longer than seq_len={self.seq_len}")
+            yield packed
 
     def __iter__(self):
         info = get_worker_info()
         W = max(self.num_workers, 1)
         j = info.id if info is not None else 0
         v = (j + self.start_batch) % W
-        batches = self._batches(v)
+        faults = DataFaults(f"rank {self.rank} reader {v}")
+        batches = self._batches(v, faults)
         for _ in range(len(range(v, self.start_batch, W))):  # batches i < n with i % W == v
             next(batches)
+        faults.take()  # those batches' counts are in the checkpoint already
         for packed in batches:
-            yield packed.to_tensors(lambda images: _decode_images(images, self.image_size, self.split))
+            failed: list[int] = []
+            batch = packed.to_tensors(lambda images: _decode_images(images, self.image_size, self.split, failed))
+            lost = mask_failed_images(batch, failed, packed.image_streams, self.tokenizer.image_id,
+                                      self.tokens_per_image)
+            faults.note("image", lost, where=f"documents of a batch of reader {v}", detail="pixels do not decode")
+            batch["faults"] = faults.take()
+            yield batch
 
 
 def mixture_weights(weights: dict[str, float]) -> dict[str, float]:
@@ -205,7 +219,8 @@ def build_train_loader(root, tokenizer, *, weights: dict[str, float], seq_len: i
     (-100 = ignored), ``positions`` and ``doc_ids`` (all Long B,L), ``images`` (Float
     N*V,3,S,S: the V views of each image in turn, images in order of appearance),
     ``stream_tokens`` and ``stream_docs`` (Long 3: label tokens and documents per
-    stream) and ``stats`` (ints: ``truncated``, ``skipped``).
+    stream), ``stats`` (ints: ``truncated``, ``skipped``) and ``faults`` (Long
+    ``len(faults.COUNTERS)``: what this batch's reader skipped or truncated, by reason).
     """
     split = split or Split()
     if not 0 <= rank < world_size:
