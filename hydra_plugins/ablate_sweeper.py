@@ -1,5 +1,6 @@
-"""Pre-flight for sweeps (``hydra/sweeper=ablate``): Hydra's basic sweeper that composes
-and validates every point before the launcher submits any of them.
+"""Pre-flight for sweeps (``hydra/sweeper=ablate``, the default of ablate-train's
+multiruns; ``hydra/sweeper=basic`` opts out): Hydra's basic sweeper that composes and
+validates every point before the launcher submits any of them.
 
 Hydra hands the launcher batches of points; a bad point found by its job would surface
 only after the others were queued (on SLURM, hours later). Here the sweep is expanded

@@ -1,6 +1,7 @@
 """Preemption without SLURM: SIGUSR2 to a training process saves a complete checkpoint at
 a step boundary and exits with the requeue status; a relaunch finishes with the losses
-of an uninterrupted run. (The SLURM requeue itself: tests/test_slurm.py.)"""
+of an uninterrupted run; the requeue cap reads SLURM_RESTART_COUNT. (The SLURM requeue
+itself: tests/test_slurm.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from ablate import preempt
 from ablate.preempt import REQUEUE_EXIT
 from ablate.strategy import DeepSpeedStrategy
 from tests.conftest import REPO, run_cli, train_args
@@ -44,3 +48,33 @@ def test_signal_saves_at_step_boundary_and_resume_matches(corpus, tmp_path):
     resumed = losses(run_dir)
     assert sorted(resumed) == list(range(1, 31))
     assert resumed == straight
+
+
+@pytest.mark.parametrize("restarts,requeued", [(None, True), ("2", True), ("3", False), ("7", False)])
+def test_requeue_cap_from_slurm_restart_count(monkeypatch, capsys, restarts, requeued):
+    """Below train.max_requeues (3 here) the preempt signal requeues the job; at or past
+    it the run still stops with the requeue status (its checkpoint is saved by then) but
+    never calls scontrol, and says why."""
+    calls = []
+    monkeypatch.setattr(preempt.subprocess, "run",
+                        lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    if restarts is None:  # the job's first run: SLURM sets no restart count
+        monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+    p = preempt.Preemption("USR2", max_requeues=3)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            p.exit(step=12, requeue=True, is_main=True)
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert exited.value.code == REQUEUE_EXIT
+    out = capsys.readouterr()
+    if requeued:
+        assert calls == [["scontrol", "requeue", "4242"]] and "requeued" in out.out
+    else:
+        assert calls == [] and "requeue cap reached" in out.out
+        assert f"already requeued {restarts} times (train.max_requeues=3)" in out.err
+        assert "submit the same command again to resume" in out.err

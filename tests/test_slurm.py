@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,17 +67,20 @@ def test_sweep_of_two_variants_completes(slurm_cluster, corpus, tmp_path):
 
 def test_failing_variant_does_not_stop_the_sweep(slurm_cluster, corpus, tmp_path):
     runs = tmp_path / "runs"
-    # image_size=30 is not divisible by the patch size: that variant fails at setup.
-    res = run_cli(train_args(corpus, runs, *COMMON, "encoder.image_size=32,30", multirun=True),
+    # The corrupt weights file passes the pre-flight (it exists, a known suffix); that
+    # variant fails in its job, when the encoder loads it.
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    res = run_cli(train_args(corpus, runs, *COMMON, f"encoder.pretrained=null,{corrupt}", multirun=True),
                   timeout=280, env={**slurm_cluster, **JOB_ENV})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     got = results(runs / "smoke")
-    by_size = {next(o for o in r["overrides"] if o.startswith("encoder.image_size=")): r
-               for r in got.values()}
-    assert by_size["encoder.image_size=32"]["status"] == "complete"
-    assert by_size["encoder.image_size=32"]["step"] == 4
-    failed = by_size["encoder.image_size=30"]
-    assert failed["status"] == "failed" and "patch" in failed["error"]
+    by_point = {next(o for o in r["overrides"] if o.startswith("encoder.pretrained=")): r
+                for r in got.values()}
+    assert by_point["encoder.pretrained=null"]["status"] == "complete"
+    assert by_point["encoder.pretrained=null"]["step"] == 4
+    failed = by_point[f"encoder.pretrained={corrupt}"]
+    assert failed["status"] == "failed" and "UnpicklingError" in failed["error"]
     cmp = run_cli(["-m", "sweeps.compare", str(runs / "smoke"), "--no-plot"])
     assert cmp.returncode == 0, cmp.stderr
     assert "failed runs (1)" in cmp.stdout
@@ -137,3 +141,112 @@ def test_signal_requeues_and_resumes_with_uninterrupted_losses(slurm_cluster, co
     # One wandb run, resumed: a single run id directory under the run's wandb folder.
     wandb_runs = [p for p in run_dir.rglob("offline-run-*") if p.is_dir()]
     assert len(wandb_runs) == 2 and len({p.name.split("-")[-1] for p in wandb_runs}) == 1, wandb_runs
+
+
+def submitted_job(sweep: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The SLURM id of the sweep's (single) job, once the launcher has submitted it."""
+    deadline = time.time() + timeout
+    while True:
+        ids = {p.name.split("_")[0] for p in (sweep / ".submitit").glob("*") if p.name[0].isdigit()}
+        if ids:
+            (job,) = ids
+            return job
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+
+
+def test_jobs_run_the_code_they_were_submitted_with(slurm_cluster, corpus, tmp_path):
+    """Submit from a copy of the repository with the job held, then change that copy's
+    code and configs: the released job runs the snapshot taken at submission."""
+    repo = tmp_path / "repo"
+    for top in ("ablate", "models", "sweeps", "hydra_plugins", "conf"):
+        shutil.copytree(REPO / top, repo / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "submitted"]):
+        subprocess.run(git + cmd, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **slurm_cluster, **JOB_ENV}
+    args = train_args(corpus, runs, *COMMON, "eval.at_end=false",
+                      "+hydra.launcher.additional_parameters.hold=true", multirun=True)
+    proc = subprocess.Popen([sys.executable, *args], cwd=repo, env=env,  # imports the copy
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = runs / "smoke"
+    job = submitted_job(sweep, proc)
+    # Edits that would show: a print when the job imports ablate.preempt (not ablate.train:
+    # run as `python -m`, it is __main__ and pickled by value), another log interval.
+    module = repo / "ablate" / "preempt.py"
+    module.write_text(module.read_text() + "\nprint('MODIFIED-CODE-RAN', flush=True)\n")
+    smoke = repo / "conf" / "experiment" / "smoke.yaml"
+    assert "  log_every: 1\n" in smoke.read_text()
+    smoke.write_text(smoke.read_text().replace("  log_every: 1\n", "  log_every: 3\n"))
+    subprocess.run(["scontrol", "release", job], env=env, check=True)
+    out = proc.communicate(timeout=200)[0]
+    assert proc.returncode == 0, out[-3000:]
+
+    (run_dir,) = [p.parent for p in sweep.glob("*/results.json")]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "complete"
+    logs = job_logs(sweep)
+    assert "MODIFIED-CODE-RAN" not in logs + out
+    (code,) = (sweep / ".code").iterdir()
+    assert f"[ablate] code: snapshot {code}, git {head[:12]}\n" in logs, logs[-3000:]
+    assert json.loads((code / "SNAPSHOT.json").read_text())["commit"] == head
+    assert "train:\n" in (run_dir / "config.yaml").read_text()
+    assert "  log_every: 1\n" in (run_dir / "config.yaml").read_text()  # the submitted config
+
+
+def sbatch_train(env: dict, out: Path, ntasks: int, *overrides: str) -> str:
+    """Submit slurm/train.sbatch (one node, ``ntasks`` ranks); returns the job id."""
+    cmd = ["sbatch", "--parsable", f"--ntasks-per-node={ntasks}", "--cpus-per-task=1", "--time=10",
+           f"--output={out}", f"--chdir={REPO}", str(REPO / "slurm" / "train.sbatch"), *overrides]
+    return subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+
+
+def wait_for_job(env: dict, job: str, timeout: float = 200) -> str:
+    """Poll accounting until the job has ended; returns its final state."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], env=env,
+                             capture_output=True, text=True).stdout.split()
+        if out and out[0] not in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED", "CONFIGURING"):
+            return out[0]
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} did not end in {timeout}s")
+
+
+def test_sbatch_template_two_ranks_and_requeue_resumes(slurm_cluster, corpus, tmp_path):
+    """slurm/train.sbatch without Hydra's launcher: two srun tasks are two ranks (rank and
+    world size from SLURM_PROCID/SLURM_NTASKS, master from the node list). The same run
+    signalled with USR2 mid-way requeues itself and finishes with the same losses."""
+    from ablate.tracking import read_metrics
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+    env = {**slurm_cluster, **JOB_ENV, "ABLATE_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    args = (f"paths.data={corpus}", "experiment=smoke", "deepspeed=zero1", "train.max_steps=12",
+            "train.ckpt_every=0", "eval.at_end=false", "logger=none")
+    straight, runs = tmp_path / "straight", tmp_path / "runs"
+    job = sbatch_train(env, tmp_path / "straight.out", 2, *args, f"paths.runs={straight}")
+    assert wait_for_job(env, job) == "COMPLETED", (tmp_path / "straight.out").read_text()[-3000:]
+    log = (tmp_path / "straight.out").read_text()
+    assert "2 task(s)" in log and "ranks 2  grad accumulation 1" in log, log[-3000:]
+    (straight_dir,) = [p.parent for p in straight.rglob("results.json")]
+    assert json.loads((straight_dir / "results.json").read_text())["step"] == 12
+    (ckpt,) = [p for p in (straight_dir / "checkpoints").glob("step-*") if p.is_dir()]
+    assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO-1: one shard per rank
+
+    out = tmp_path / "requeued.out"
+    job = sbatch_train(env, out, 2, *args, f"paths.runs={runs}")
+    deadline = time.time() + 150
+    while not [p for p in runs.rglob("metrics.jsonl") if losses(p.parent)]:
+        assert time.time() < deadline, out.read_text()[-3000:] if out.exists() else "no output"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR2", job], env=env, check=True)
+    assert wait_for_job(env, job) == "COMPLETED", out.read_text()[-3000:]
+    log = out.read_text()
+    assert f"job {job} restart 1" in log and "scontrol requeue" in log, log[-3000:]
+    (run_dir,) = [p.parent for p in runs.rglob("results.json")]
+    assert "resumed from step" in log and json.loads((run_dir / "results.json").read_text())["step"] == 12
+    assert losses(run_dir) == losses(straight_dir)

@@ -123,8 +123,12 @@ def test_two_process_gloo_run_trains(corpus, tmp_path):
 
 
 def test_sweep_records_failed_variant_and_compares(corpus, tmp_path):
+    # A variant that passes the sweep's pre-flight (the file exists, a known suffix) and
+    # fails only when its job loads the corrupt weights.
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
     runs = tmp_path / "runs"
-    res = run_cli(train_args(corpus, runs, "encoder.image_size=32,30", "train.max_steps=4",
+    res = run_cli(train_args(corpus, runs, f"encoder.pretrained=null,{corrupt}", "train.max_steps=4",
                              "eval.max_caption=4", "eval.max_vqa=4", "logger=none", multirun=True))
     assert res.returncode == 0, res.stderr[-3000:]
     sweep = runs / "smoke"
@@ -132,8 +136,8 @@ def test_sweep_records_failed_variant_and_compares(corpus, tmp_path):
     assert statuses == ["complete", "failed"]
     cmp = run_cli(["-m", "sweeps.compare", str(sweep), "--no-plot"])
     assert cmp.returncode == 0, cmp.stderr
-    assert "encoder.image_size" in cmp.stdout and "failed runs (1)" in cmp.stdout
-    assert "patch_size" in cmp.stdout  # the failure's reason is shown
+    assert "encoder.pretrained" in cmp.stdout and "failed runs (1)" in cmp.stdout
+    assert "UnpicklingError" in cmp.stdout  # the failure's reason is shown
 
 
 @pytest.mark.parametrize("stage,precision", [("zero0", "bf16"), ("zero2", "bf16"), ("zero3", "fp32")])
