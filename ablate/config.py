@@ -124,7 +124,8 @@ class TrainConfig:
     ckpt_every: int = 100
     """Save a checkpoint every this many steps (0 = only at the end)."""
     keep_checkpoints: int = 2
-    """Keep the newest this many checkpoints."""
+    """Keep the newest this many checkpoints (0 = all); older ones are deleted only once
+    the new one is in place."""
     deterministic: bool = True
     """Use torch deterministic algorithms (needed for bit-identical resume)."""
     progress: bool = True
@@ -134,6 +135,20 @@ class TrainConfig:
     directory or a state-dict file); ignored once the run has a checkpoint to resume."""
     preempt_signal: str = "USR2"
     """Signal that saves a checkpoint at the next step and requeues the job (ablate/preempt.py)."""
+    max_requeues: int = 20
+    """Requeues the preempt signal may ask for under SLURM (counted by SLURM_RESTART_COUNT);
+    past it the run saves and exits without requeueing. 0: never requeue."""
+    max_bad_steps: int = 5
+    """Consecutive optimizer steps with a non-finite loss or gradient norm after which the
+    run stops (status failed, last good checkpoint kept). Each such step is skipped on all
+    ranks: no update, no scheduler step, gradients dropped (docs/checkpoints.md). 0: never stop."""
+    checksum_max_mb: float = 1024
+    """Checkpoint files up to this size (MiB) get a sha256 in the manifest and are hashed
+    again on resume; larger files are verified by size only (hashing costs ~1 s/GB). 0:
+    sizes only."""
+    strict_resume: bool = True
+    """Refuse to resume from a checkpoint whose experiment config (the resolved config
+    minus paths, logging, evaluation and checkpointing keys) differs; False: warn and go on."""
 
 
 @dataclass
@@ -152,6 +167,21 @@ class EvalConfig:
     """Generation length limit for captions."""
     max_answer_tokens: int = 8
     """Generation length limit for VQA answers."""
+    shots: list[int] = field(default_factory=lambda: [0, 4, 8])
+    """In-context examples per prompt; every task is scored at each count (MM1: 0, 4, 8)."""
+    seed: int = 0
+    """Seed of the few-shot example draw; fixed apart from ``seed`` so every variant and
+    every training seed is asked with the same examples."""
+    benchmarks: dict[str, str] = field(default_factory=dict)
+    """Converted benchmarks to evaluate on: name -> directory (``ablate-data convert``)."""
+    max_benchmark: int = 0
+    """Queries per benchmark (0 = all)."""
+    every: int = 0
+    """Also evaluate every this many training steps (0 = only at the end)."""
+    kv_cache: bool = True
+    """Generate with a KV cache (False: recompute the whole sequence per token)."""
+    log_samples: int = 16
+    """Queries per task whose predictions go to samples.json and the wandb table."""
 
 
 @dataclass

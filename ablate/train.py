@@ -30,24 +30,38 @@ from ablate import dist
 from ablate.config import CONF_DIR, register_configs
 from ablate.files import write_json
 from ablate.lr import resolve as resolve_optim
+from ablate.snapshot import expose_hydra_plugins
 from ablate.tracking import AuxWindow, Tracker, register_resolvers
 from ablate.validate import ConfigError, validate
 
 register_configs()
 register_resolvers()
+expose_hydra_plugins()  # the ablate sweeper and launcher, from any working directory
 
 RESULTS = "results.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: few-shot metrics and the `eval` block (docs/evaluation.md)
+
+
+class TrainingHalted(RuntimeError):
+    """The run stopped on purpose (repeated numerical faults, a checkpoint it could not
+    write); results.json already says failed and why."""
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator the training process draws from. DataLoader workers hold none that
+    matters: their streams are seeded from (seed, rank, virtual worker) (data/pipeline.py)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -71,13 +85,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
                 print(f"[ablate] {run_dir} already finished; skipping (delete results.json to redo)")
             return done
 
+    from ablate.data.faults import FaultMeter
     from ablate.data.pipeline import MixMeter, build_train_loader
     from ablate.data.splitting import Split
     from ablate.data.tokenizer import load_tokenizer
     from ablate.build import build_model
     from ablate.expert_parallel import apply_expert_parallel
     from ablate.preempt import Preemption
-    from ablate.strategy import DeepSpeedStrategy
+    from ablate.strategy import CheckpointError, DeepSpeedStrategy
     from models.utils import count_params
 
     dist.init(env)
@@ -110,14 +125,30 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     seq_len = cfg.data.seq_len
     tokens_per_step = t.global_batch_size * seq_len
 
-    loaded = strategy.load_latest(ckpt_dir)
+    def halt(reason: str, step: int) -> TrainingHalted:
+        """Record the run as failed with ``reason`` and return the exception to raise."""
+        if env.is_main:
+            try:
+                write_json(results_path, {
+                    "schema_version": SCHEMA_VERSION, "run_name": f"{cfg.name}/{run_dir.name}",
+                    "status": "failed", "error": reason, "step": step, "overrides": overrides,
+                    "skipped_steps": skipped_steps})
+            except OSError as e:  # the disk that refused the checkpoint may refuse this too
+                print(f"[ablate] could not write {results_path}: {e}", file=sys.stderr, flush=True)
+        return TrainingHalted(reason)
+
+    skipped_steps = 0
+    try:
+        loaded = strategy.load_latest(ckpt_dir)
+    except CheckpointError as e:
+        raise halt(str(e), 0) from None
     start_step, client = 0, {}
     if loaded is not None:
         start_step, client = loaded
-        if "rng" in client:
-            set_rng_state(client["rng"])
+    skipped_steps, bad_run = client.get("skipped_steps", 0), client.get("bad_run", 0)
     # Realised data mix, summed over ranks; its totals continue across a resume.
     mix = MixMeter(dict(cfg.data.weights), client.get("data_mix"))
+    faults = FaultMeter(client.get("data_faults"))  # bad data skipped/truncated (data/faults.py)
     if env.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         print(
@@ -147,6 +178,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
     batches = iter(loader)
+    if "rng" in client:
+        # After the loader's iterator exists: creating it draws from torch's generator
+        # (worker seeds), which the uninterrupted run did before step 1, not here.
+        set_rng_state(client["rng"])
     bar = None
     if env.is_main and t.progress and start_step < t.max_steps:
         from tqdm import tqdm
@@ -154,7 +189,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         bar = tqdm(total=t.max_steps, initial=start_step, desc=run_dir.name[:40], unit="step",
                    dynamic_ncols=True, file=sys.stdout)
 
-    preempt = Preemption(t.preempt_signal)  # a signal sets a flag; acted on below
+    preempt = Preemption(t.preempt_signal, t.max_requeues)  # a signal sets a flag; acted on below
     strategy.engine.train()
     window = {"loss": 0.0, "lm_loss": 0.0, "data_s": 0.0, "step_s": 0.0, "steps": 0, "label_tokens": 0}
     router = AuxWindow()  # MoE router statistics; empty for a dense decoder
@@ -172,6 +207,15 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             window["label_tokens"] += stats["tokens"]
             router.add(stats["aux"])
             mix.add(batch)
+            faults.add(batch)
+        if stats["skipped"]:
+            skipped_steps, bad_run = skipped_steps + 1, bad_run + 1
+            if env.is_main:
+                print(f"[ablate] step {step}: non-finite loss or gradient norm (loss {loss_sum:.4g}, "
+                      f"grad norm {stats['grad_norm']:.4g}); step skipped on all ranks "
+                      f"({bad_run} in a row, {skipped_steps} in all)", file=sys.stderr, flush=True)
+        else:
+            bad_run = 0
         window["loss"] += loss_sum
         window["data_s"] += data_s
         window["step_s"] += time.perf_counter() - t0
@@ -183,6 +227,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         save_now = (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps
         if log_now or save_now:
             mix.sync(dist.reduce_over_ranks)
+            faults.sync(dist.reduce_over_ranks)
         if log_now:
             n = window["steps"]
             # Losses are averaged and token counts summed over ranks: the record describes
@@ -201,18 +246,36 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
                 "perf/data_wait_ms": 1000 * window["data_s"] / n,
                 "perf/label_tokens_per_step": label_tokens / n,
                 "train/tokens_seen": step * tokens_per_step,
+                "train/skipped_steps": skipped_steps,
             }
             record.update(mix.record())
+            record.update(faults.record())
             record.update(router.record(dist.reduce_over_ranks))
             tracker.log(record, step)
             window = {k: 0 if isinstance(v, int) else 0.0 for k, v in window.items()}
+        if t.max_bad_steps and bad_run >= t.max_bad_steps:
+            intact = DeepSpeedStrategy.complete_tags(ckpt_dir)
+            tracker.finish()
+            raise halt(
+                f"{bad_run} consecutive steps (to step {step}) had a non-finite loss or gradient norm "
+                f"(train.max_bad_steps={t.max_bad_steps}); stopped without saving. The last good "
+                f"checkpoint is {intact[-1][1] if intact else 'none (no checkpoint yet)'}: lower the lr, "
+                f"check the data, or raise train.max_bad_steps, then relaunch to resume from it.", step)
         stop, requeue = preempt.agreed() if step < t.max_steps else (False, False)
         if stop and not save_now:
             mix.sync(dist.reduce_over_ranks)
+            faults.sync(dist.reduce_over_ranks)
         if save_now or stop:
             client = {"step": step, "micro_batches": step * accum, "rng": rng_state(),
-                      "data_mix": mix.state()}
-            strategy.save(ckpt_dir, step, client, keep=t.keep_checkpoints)
+                      "data_mix": mix.state(), "data_faults": faults.state(),
+                      "skipped_steps": skipped_steps, "bad_run": bad_run}
+            try:
+                strategy.save(ckpt_dir, step, client, keep=t.keep_checkpoints)
+            except CheckpointError as e:
+                tracker.finish()
+                raise halt(str(e), step) from None
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < t.max_steps:
+            run_eval(strategy, tok, cfg, tracker, step, env.is_main and t.progress)
         if stop:  # preempted or near the time limit: all ranks saved this step
             tracker.finish()
             preempt.exit(step, requeue, env.is_main)
@@ -223,13 +286,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
         "schema_version": SCHEMA_VERSION, "run_name": f"{cfg.name}/{run_dir.name}",
         "status": "complete", "step": t.max_steps, "tokens_seen": t.max_steps * tokens_per_step,
         "overrides": overrides, "metrics": {}, "baselines": {}, "counts": {},
-        "params": params, "data_mix": mix.block(),
+        "params": params, "data_mix": mix.block(), "data_faults": faults.block(),
         "optim": {k.removeprefix("optim/"): v for k, v in optim.record().items()},
+        "skipped_steps": skipped_steps,
     }
     if last:
         results["metrics"]["train/loss"] = last["train/loss"]
     if cfg.eval.at_end:
-        from ablate.eval.evaluate import evaluate
+        from ablate.eval.evaluate import samples_json
 
         if cfg.deepspeed.expert_parallel > 1:
             # Every rank gets all experts back: generation then needs no all-to-all, so
@@ -237,14 +301,13 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             from ablate.expert_parallel import gather_experts
 
             gather_experts(strategy.module)
-        ev = evaluate(strategy.module, tok, cfg, device=strategy.device, dtype=strategy.dtype,
-                      progress=env.is_main and t.progress)
+        ev = run_eval(strategy, tok, cfg, tracker, t.max_steps, env.is_main and t.progress)
         results["metrics"].update(ev["metrics"])
         results["baselines"] = ev["baselines"]
         results["counts"] = ev["counts"]
-        tracker.log(ev["metrics"], t.max_steps)
+        results["eval"] = ev["eval"]
         if env.is_main:
-            write_json(run_dir / "samples.json", ev["samples"])
+            write_json(run_dir / "samples.json", samples_json(ev["samples"]))
     if env.is_main:
         results["wall_time_s"] = time.time() - started
         write_json(results_path, results)
@@ -254,6 +317,17 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     return results
 
 
+def run_eval(strategy, tok, cfg: DictConfig, tracker: Tracker, step: int, progress: bool) -> dict:
+    """Evaluate on every rank (queries dealt among them), log the metrics and a table of
+    sample predictions at ``step``; training resumes unchanged afterwards."""
+    from ablate.eval.evaluate import evaluate, sample_table
+
+    ev = evaluate(strategy.module, tok, cfg, device=strategy.device, dtype=strategy.dtype, progress=progress)
+    tracker.log(ev["metrics"], step)
+    tracker.table("eval/samples", *sample_table(ev["samples"]), step=step)
+    return ev
+
+
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
@@ -261,6 +335,11 @@ def main(cfg: DictConfig) -> None:
     overrides = list(hc.overrides.task)
     try:
         train(cfg, run_dir, overrides)
+    except TrainingHalted as e:  # results.json already records it
+        print(f"ablate-train: stopped: {e}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            return
+        sys.exit(1)
     except ConfigError as e:
         print(f"ablate-train: {e}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:
