@@ -38,10 +38,13 @@ sys.path.insert(0, str(REPO))
 def corpus(path: Path, n: int) -> Path:
     from ablate.data.corpus import CorpusConfig, build_corpus
 
-    if not (path / "meta.json").exists():
+    import json
+
+    meta = path / "meta.json"
+    if not meta.exists() or json.loads(meta.read_text())["counts"]["eval/vqa"] < n:
         build_corpus(CorpusConfig(out=str(path), num_caption=300, num_interleaved=150, num_text=100,
                                   num_eval_caption=16, num_eval_vqa=n, num_eval_text=8, shard_size=500),
-                     progress=False)
+                     progress=False, force=True)
     return path
 
 
@@ -118,6 +121,7 @@ def main() -> None:
     worst_case_generate()
     timed_eval(model, tok, compose(*base, "eval.max_vqa=8"))  # warm-up
     secs, ev, n_tok = timed_eval(model, tok, cfg)
+    assert ev["eval"]["tasks"]["vqa"]["queries"] == args.samples, ev["eval"]["tasks"]["vqa"]
     dropped = ev["eval"]["tasks"]["vqa"]["examples_dropped"][str(args.shots)]
     per = 1000 * secs / args.samples
     print(f"ablate (KV cache):   {secs:8.1f} s  {per:8.1f} ms/query  {n_tok / args.samples:.1f} tokens/query "
