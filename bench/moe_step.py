@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.machine import cpu_name  # noqa: E402
+
 # (experts E, top-k, expert hidden F, shared experts, shared hidden): coarse experts as in
 # Mixtral / MM1 (each the size of a dense FFN slice), then fine-grained ones as in Aria.
 CONFIGS = [
@@ -41,16 +42,6 @@ CONFIGS = [
     (32, 4, 128, 0, 0),
     (64, 6, 64, 2, 64),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, device: torch.device) -> float:
