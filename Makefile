@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) -m ablate.demo --data data/synth --runs runs
 
 # A small MM1 reproduction on CPU: resolution, image tokens, connector, data mix x 3 seeds
-# (27 runs of experiment=demo, ~45 min estimated on an idle 2-core CPU), then a report
+# (27 runs of experiment=demo, 63 min measured on 2 cores, 2026-11-23), then a report
 # comparing each finding's direction with MM1's: runs/mm1_small/mm1_small.md.
 mm1-small: $(STAMP)
 	$(PY) -m sweeps.mm1_small --data data/synth --runs runs

@@ -54,11 +54,17 @@ LOWER_IS_BETTER = {"text/loss"}
 
 
 def commands(data: str, runs: str) -> list[list[str]]:
-    """One ``ablate-train -m`` per axis (and per value needing extra overrides)."""
+    """One ``ablate-train -m`` per axis (and per value needing extra overrides).
+
+    A config group whose keys the baseline also sets (``connector`` with
+    ``connector.num_tokens``) runs one command per value: Hydra composes a multirun's
+    primary config with the group's default, which may lack those keys."""
     out = []
     for _, key, values in AXES:
         plain = [v for v in values if (key, v) not in EXTRA]
-        batches = [(plain, [])] + [([v], EXTRA[(key, v)]) for v in values if (key, v) in EXTRA]
+        nested = any(k.startswith(f"{key}.") for k in BASE)
+        batches = ([([v], []) for v in plain] if nested else [(plain, [])]) \
+            + [([v], EXTRA[(key, v)]) for v in values if (key, v) in EXTRA]
         for vals, extra in batches:
             point = {**BASE, key: ",".join(vals)}
             out.append([sys.executable, "-m", "ablate.train", "-m", "experiment=demo", f"name={NAME}",
