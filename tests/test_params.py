@@ -128,10 +128,13 @@ def test_active_params_hook_reports_fewer_active_than_total():
     assert active_params(nn.Linear(4, 4)) == 20
 
 
-def test_moe_decoder_reports_active_below_total():
+def test_moe_decoder_reports_active_below_total(tmp_path):
     # conf/ffn/moe.yaml: 8 experts, top-2, in every layer; the tiny decoder: 2 layers,
     # width 64, experts of the dense FFN's width 192 (8/3 x 64, rounded up to 64).
-    report = param_report(compose("experiment=mm1/tiny", "ffn=moe", "+decoder.vocab_size=100"))
+    # paths.data: an empty directory, so no corpus tokenizer (e.g. a local data/synth
+    # with more ids) outranks the configured vocabulary.
+    report = param_report(compose("experiment=mm1/tiny", "ffn=moe", "+decoder.vocab_size=100",
+                                  f"paths.data={tmp_path}"))
     idle_experts = 2 * (8 - 2)
     assert report["decoder"]["total"] - report["decoder"]["active"] == idle_experts * 3 * 64 * 192
     assert report["total"]["active"] < report["total"]["total"]
