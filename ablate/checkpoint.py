@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -131,19 +130,13 @@ def config_hash(config: dict) -> str:
 
 @functools.cache
 def code_version() -> dict:
-    """The git commit of this checkout and whether tracked files differ from it; the
-    installed package's version where there is no git checkout."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, timeout=20)
-        if head.returncode == 0:
-            status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=20)
-            return {"git_commit": head.stdout.strip(),
-                    "git_dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
-    except (OSError, subprocess.SubprocessError):
-        pass
+    """The git commit of this checkout and whether its sources differ from it
+    (``ablate.snapshot.git_state``); the installed package's version outside git."""
+    from ablate.snapshot import git_state, source_root
+
+    g = git_state(source_root())
+    if g["commit"] is not None:
+        return {"git_commit": g["commit"], "git_dirty": g["dirty"]}
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -56,7 +56,8 @@ def main() -> None:
     from ablate.data.corpus import PRESETS, CorpusConfig, build_corpus
     from ablate.data.pipeline import build_train_loader
     from ablate.data.tokenizer import load_tokenizer
-    from ablate.strategy import DeepSpeedStrategy, lr_lambda, param_groups, token_loss
+    from ablate.engine_setup import lr_lambda, param_groups
+    from ablate.strategy import DeepSpeedStrategy, token_loss
     from ablate.validate import validate
 
     data = args.data or str(Path(tempfile.mkdtemp()) / "corpus")

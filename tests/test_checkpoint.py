@@ -205,7 +205,15 @@ def _launch(corpus: Path, runs: Path, env: dict | None = None) -> subprocess.Pop
 
 def _wait_and_kill(proc: subprocess.Popen, ready, what: str) -> None:
     deadline = time.time() + 180
-    while not ready():
+
+    def polled() -> bool:
+        # The run renames and prunes checkpoint directories while rglob walks them.
+        try:
+            return bool(ready())
+        except FileNotFoundError:
+            return False
+
+    while not polled():
         assert proc.poll() is None, f"finished before {what}: " + proc.communicate()[0][-3000:]
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)

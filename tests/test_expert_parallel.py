@@ -176,7 +176,8 @@ def make_batch(model, rank: int, seed: int) -> dict:
 def reference_step(cfg, seeds=(1,)) -> tuple[dict, list[float]]:
     """One process, all experts: for each step, the mean of the ranks' losses, AdamW with
     the strategy's groups and schedule, clipping by the global gradient norm."""
-    from ablate.strategy import lr_lambda, param_groups, token_loss
+    from ablate.engine_setup import lr_lambda, param_groups
+    from ablate.strategy import token_loss
 
     model = build(cfg)
     o = cfg.optim

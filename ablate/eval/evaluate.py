@@ -35,6 +35,7 @@ from collections import OrderedDict
 import torch
 from omegaconf import DictConfig
 
+from ablate.dist import reduce_over_ranks
 from ablate.eval.fewshot import build_prompt, draw_support
 from ablate.eval.generate import generate
 from ablate.eval.metrics import cider, mean_vqa_accuracy
@@ -112,8 +113,6 @@ def _answer(text: str) -> str:
 @torch.no_grad()
 def text_loss(model, tok, docs: list[str], batch_size: int, device) -> tuple[float, int]:
     """Token-weighted mean next-token loss over held-out documents (summed over ranks)."""
-    from ablate import dist
-
     rank, world = _rank_world()
     total, count = 0.0, 0
     for chunk in _batches(docs[rank::world], batch_size):
@@ -128,7 +127,7 @@ def text_loss(model, tok, docs: list[str], batch_size: int, device) -> tuple[flo
         total += float(torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE, reduction="sum"))
         count += int((labels != IGNORE).sum())
-    total, count = dist.reduce_over_ranks([total, count], mean=[False, False])
+    total, count = reduce_over_ranks([total, count], mean=[False, False])
     return total / max(count, 1), int(count)
 
 
@@ -223,7 +222,7 @@ def evaluate(model, tok, cfg: DictConfig, device, dtype=torch.float32, progress:
             key = metric_key(task.name, task.metric, k)
             metrics[key] = value
             entry["scores"][str(k)] = value
-            entry["examples_dropped"][str(k)] = int(sum(_gather_count(dropped)))
+            entry["examples_dropped"][str(k)] = int(reduce_over_ranks([dropped], mean=[False])[0])
             per_shot[k] = preds
             if task.kind == "vqa" and any(q.get("qtype") for q in task.queries):
                 for qtype in sorted({q["qtype"] for q in task.queries if q.get("qtype")}):
@@ -252,12 +251,6 @@ def evaluate(model, tok, cfg: DictConfig, device, dtype=torch.float32, progress:
             block["averages"][kind][str(k)] = value
     model.train(was_training)
     return {"metrics": metrics, "baselines": baselines, "counts": counts, "eval": block, "samples": samples}
-
-
-def _gather_count(n: int) -> list[int]:
-    """Every rank's count."""
-    rank, world = _rank_world()
-    return [int(v) for v in _gather({str(rank): n}).values()] if world > 1 else [n]
 
 
 def samples_json(samples: dict) -> dict:
